@@ -1,0 +1,7 @@
+"""CLI commands (filled in by the stage's owner)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

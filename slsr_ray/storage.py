@@ -1,0 +1,270 @@
+"""One storage layer for run artifacts: a local path or ``s3://bucket/prefix``.
+
+Every stage reads and writes through these functions, so a run root can move from a laptop to S3
+without touching stage code. Writes are atomic: local files go to a temporary name in the same folder
+and are renamed; S3 objects are written with a single PUT (S3 never shows a half-written object).
+
+S3 settings come from the usual AWS environment and config files (``AWS_ACCESS_KEY_ID``,
+``AWS_PROFILE``, ``AWS_REGION``, ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` for S3-compatible
+stores such as MinIO or moto).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import tempfile
+import threading
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+class StorageError(RuntimeError):
+    """A run-root path could not be read or written (missing, no credentials, unreachable, ...)."""
+
+
+def is_s3(uri: str | os.PathLike) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def join(root: str | os.PathLike, *parts: str) -> str:
+    """Join path parts under a local path or an ``s3://`` URI."""
+    root = str(root)
+    if is_s3(root):
+        return posixpath.join(root, *[p.strip("/") for p in parts])
+    return os.path.join(root, *parts)
+
+
+def _s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+_S3_LOCK = threading.Lock()
+_S3_CACHE: dict[tuple, pafs.S3FileSystem] = {}
+
+
+def check_s3_credentials() -> None:
+    """Fail early with a clear message when no AWS credentials can be found."""
+    import boto3
+
+    creds = boto3.Session().get_credentials()
+    if creds is None:
+        raise StorageError(
+            "no AWS credentials found for the s3:// run root: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+            "AWS_PROFILE, or run on a node with an instance profile / IRSA role"
+        )
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """A pyarrow S3 filesystem configured from the AWS environment (cached per endpoint/credentials)."""
+    import boto3
+
+    session = boto3.Session()
+    creds = session.get_credentials()
+    if creds is None:
+        check_s3_credentials()
+    frozen = creds.get_frozen_credentials()
+    endpoint = _s3_endpoint()
+    region = session.region_name or os.environ.get("AWS_REGION") or "us-east-1"
+    key = (frozen.access_key, frozen.secret_key, frozen.token, endpoint, region)
+    with _S3_LOCK:
+        fs = _S3_CACHE.get(key)
+        if fs is None:
+            kwargs: dict[str, Any] = dict(
+                access_key=frozen.access_key,
+                secret_key=frozen.secret_key,
+                session_token=frozen.token,
+                region=region,
+                connect_timeout=5,
+                request_timeout=30,
+                retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+            )
+            if endpoint:
+                scheme = "https" if endpoint.startswith("https://") else "http"
+                kwargs["endpoint_override"] = endpoint.split("://", 1)[-1]
+                kwargs["scheme"] = scheme
+            fs = pafs.S3FileSystem(**kwargs)
+            _S3_CACHE[key] = fs
+    return fs
+
+
+def filesystem(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and the path inside it for ``uri``."""
+    uri = str(uri)
+    if is_s3(uri):
+        return s3_filesystem(), uri[len("s3://") :]
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def _wrap(uri: str, err: Exception) -> StorageError:
+    msg = str(err)
+    if is_s3(uri):
+        low = msg.lower()
+        if "nosuchbucket" in low or "bucket does not exist" in low or "bucket" in low and "not" in low:
+            return StorageError(f"S3 bucket for {uri} does not exist or is not accessible: {msg}")
+        if "curl" in low or "connect" in low or "timed out" in low or "timeout" in low:
+            return StorageError(f"S3 endpoint unreachable while accessing {uri}: {msg}")
+    return StorageError(f"{uri}: {msg}")
+
+
+def exists(uri: str | os.PathLike) -> bool:
+    fs, path = filesystem(uri)
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as e:
+        raise _wrap(str(uri), e) from e
+
+
+def makedirs(uri: str | os.PathLike) -> None:
+    if is_s3(uri):
+        return  # S3 has no folders; objects create their prefixes
+    try:
+        os.makedirs(str(uri), exist_ok=True)
+    except OSError as e:
+        raise StorageError(f"run root {uri} is not writable: {e}") from e
+
+
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    uri = str(uri)
+    if not is_s3(uri):
+        try:
+            with open(uri, "rb") as f:
+                return f.read()
+        except FileNotFoundError as e:
+            raise StorageError(f"{uri} does not exist") from e
+        except OSError as e:
+            raise StorageError(f"{uri}: {e}") from e
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise StorageError(f"{uri} does not exist") from e
+    except OSError as e:
+        raise _wrap(uri, e) from e
+
+
+def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` atomically: readers see the old content or the new one, never a partial file."""
+    uri = str(uri)
+    if not is_s3(uri):
+        folder = os.path.dirname(os.path.abspath(uri))
+        makedirs(folder)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(uri)[-40:])
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, uri)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_output_stream(path) as f:  # one PUT for small objects: atomic on S3
+            f.write(data)
+    except OSError as e:
+        raise _wrap(uri, e) from e
+
+
+def read_text(uri: str | os.PathLike) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_text(uri: str | os.PathLike, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def read_json(uri: str | os.PathLike) -> Any:
+    return json.loads(read_text(uri))
+
+
+def write_json(uri: str | os.PathLike, obj: Any) -> None:
+    write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def write_table(uri: str | os.PathLike, table: pa.Table) -> None:
+    """Write a parquet file atomically."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    write_bytes(uri, sink.getvalue())
+
+
+def read_table(uri: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """Read one parquet file or a folder of parquet shards."""
+    uri = str(uri)
+    fs, path = filesystem(uri)
+    try:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise StorageError(f"{uri} does not exist")
+        return pq.read_table(path, filesystem=fs, columns=columns)
+    except StorageError:
+        raise
+    except OSError as e:
+        raise _wrap(uri, e) from e
+
+
+def listdir(uri: str | os.PathLike) -> list[str]:
+    """Names (not paths) directly under ``uri``; empty when it does not exist."""
+    fs, path = filesystem(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as e:
+        raise _wrap(str(uri), e) from e
+    return sorted(posixpath.basename(i.path) for i in infos)
+
+
+def remove(uri: str | os.PathLike) -> None:
+    """Delete a file or a folder tree; a missing path is fine."""
+    fs, path = filesystem(uri)
+    try:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif info.type == pafs.FileType.File:
+            fs.delete_file(path)
+    except OSError as e:
+        raise _wrap(str(uri), e) from e
+
+
+def check_writable(root: str | os.PathLike) -> None:
+    """Prove ``root`` accepts writes (and deletes the probe); raises StorageError naming the root."""
+    root = str(root)
+    if is_s3(root):
+        check_s3_credentials()
+    probe = join(root, f".write-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        write_bytes(probe, b"ok")
+    except StorageError as e:
+        raise StorageError(f"run root {root} is not writable: {e}") from e
+    remove(probe)
+
+
+def to_local(uri: str | os.PathLike, cache_dir: str | None = None) -> str:
+    """A local path holding ``uri``'s bytes (downloads S3 objects into a cache folder)."""
+    uri = str(uri)
+    if not is_s3(uri):
+        return uri
+    cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "slsr-cache")
+    local = os.path.join(cache_dir, uri[len("s3://") :])
+    if not os.path.exists(local):
+        write_bytes(local, read_bytes(uri))
+    return local

@@ -1,0 +1,91 @@
+"""Shared fixtures: one real local Ray per test session, a real S3 API (moto's server on loopback),
+and small synthetic datasets built once per session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# S3 settings go into the environment before Ray starts, so Ray workers inherit them too.
+MOTO_PORT = _free_port()
+os.environ.update(
+    {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{MOTO_PORT}",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_DEDUP_LOGS": "0",
+        "RAY_TRAIN_V2_ENABLED": "1",
+        "TQDM_DISABLE": "1",
+    }
+)
+os.environ.pop("AWS_PROFILE", None)
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=MOTO_PORT, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{MOTO_PORT}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_server):
+    """A fresh bucket on the moto server; returns its ``s3://`` URI."""
+    import boto3
+
+    name = f"slsr-test-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=moto_server).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (2 CPUs, a small object store)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            object_store_memory=300 * 1024 * 1024,
+            include_dashboard=False,
+            log_to_driver=True,
+            configure_logging=False,
+        )
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """A small synthetic dataset (Market-1501 layout), built once: 24 ids, 4 cameras, 8 images/id."""
+    from slsr_ray.data import make_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic(root, num_ids=24, cams=4, images_per_id=8, seed=0, num_distractors=6, num_junk=3)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(synthetic_root):
+    from slsr_ray.data import load_dataset
+
+    return load_dataset("market1501", synthetic_root)
