@@ -2,7 +2,8 @@
 
 Every stage reads and writes through these functions, so a run root can move from a laptop to S3
 without touching stage code. Writes are atomic: local files go to a temporary name in the same folder
-and are renamed; S3 objects are written with a single PUT (S3 never shows a half-written object).
+and are renamed; an S3 object only appears when its upload completes (S3 never shows a half-written
+object).
 
 S3 settings come from the usual AWS environment and config files (``AWS_ACCESS_KEY_ID``,
 ``AWS_PROFILE``, ``AWS_REGION``, ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` for S3-compatible
@@ -45,6 +46,13 @@ def _s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
 _S3_LOCK = threading.Lock()
 _S3_CACHE: dict[tuple, pafs.S3FileSystem] = {}
 
@@ -127,7 +135,7 @@ def makedirs(uri: str | os.PathLike) -> None:
     try:
         os.makedirs(str(uri), exist_ok=True)
     except OSError as e:
-        raise StorageError(f"run root {uri} is not writable: {e}") from e
+        raise StorageError(f"cannot create folder {uri}: {e}") from e
 
 
 def read_bytes(uri: str | os.PathLike) -> bytes:
@@ -155,20 +163,29 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
     uri = str(uri)
     if not is_s3(uri):
         folder = os.path.dirname(os.path.abspath(uri))
-        makedirs(folder)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(uri)[-40:])
         try:
+            makedirs(folder)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(uri)[-40:])
+        except (OSError, StorageError) as e:
+            raise StorageError(f"cannot write {uri}: {e}") from e
+        try:
+            # mkstemp makes 0600 files; give the result the permissions a plain open() would.
+            os.fchmod(fd, 0o666 & ~_UMASK)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, uri)
-        except BaseException:
+        except BaseException as e:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+            if isinstance(e, OSError):
+                raise StorageError(f"cannot write {uri}: {e}") from e
             raise
         return
     fs, path = filesystem(uri)
     try:
-        with fs.open_output_stream(path) as f:  # one PUT for small objects: atomic on S3
+        # The object becomes visible only when the upload completes (one PUT, or a completed
+        # multipart upload for large objects), so readers never see a partial object.
+        with fs.open_output_stream(path) as f:
             f.write(data)
     except OSError as e:
         raise _wrap(uri, e) from e
