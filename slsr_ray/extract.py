@@ -1,0 +1,381 @@
+"""Step 2 of Algorithm 1: extract a feature for every image of a manifest with Ray Data.
+
+Pipeline (one Ray Data dataset, streaming, with progress bars)::
+
+    manifest rows --(tasks: read + decode + resize to HxW uint8)--> --(actor pool: normalise, model.extract)-->
+        parquet shards under output_dir   (all manifest columns, ``row_index``, ``feature``)
+
+* The manifest (local or ``s3://`` parquet, or an in-memory ``pyarrow.Table``) is checked up front:
+  every image must exist (one listing per folder, not one request per image), otherwise the error
+  names a few missing paths and counts the rest.
+* Decoding runs in its own Ray Data stage of tasks (``decode="tasks"``, the default: on GPU clusters
+  the CPUs feed the GPUs; on CPU clusters a quarter of the CPUs, at least one, is left to decode
+  tasks of 0.5 CPU and the rest hold model actors) or inside the model actors (``decode="actor"``).
+  On 2 CPUs the separate stage measured faster (``benchmarks/bench_extract.py``).
+* The model runs in ``ActorPoolStrategy(size=num_actors)`` actors with ``num_gpus`` each, chosen from
+  ``ray.cluster_resources()``: 0 on CPU-only clusters (asking for a GPU there would hang forever).
+  A checkpoint URI is loaded by each actor from the run root (nothing is read from the driver's
+  disk); a :class:`~slsr_ray.models.ModelConfig` is built once on the driver (random init) and its
+  weights are shared through the object store, so every actor computes the same features.
+* Output: parquet shards, then ``meta.json`` and finally an empty ``_SUCCESS`` marker; a folder
+  without ``_SUCCESS`` is an unfinished extraction and :func:`load_features` refuses it.
+
+The ``feature`` column is ``fixed_size_list<float32>[D]`` (2048 for the ResNet50 pooled feature).
+``row_index`` is the row's position in the manifest, so :func:`load_features` returns rows in
+manifest order whatever order the shards were written in.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import posixpath
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from . import storage
+
+log = logging.getLogger(__name__)
+
+DECODE_MODES = ("auto", "tasks", "actor")
+SUCCESS_MARKER = "_SUCCESS"
+META_FILE = "meta.json"
+
+
+class ExtractError(ValueError):
+    """Bad extraction input: missing images, a manifest without paths, impossible resources."""
+
+
+@dataclass
+class ExtractConfig:
+    """Extraction settings.
+
+    ``batch_size``: images per model forward (an int: Ray requires it with GPUs).
+    ``num_actors``: model actors; None = one per GPU on GPU clusters; on CPU clusters one per CPU
+    after reserving a quarter of the CPUs (at least one) for the decode tasks.
+    ``num_gpus``: GPUs per actor; None = 1 when the cluster has GPUs, else 0.
+    ``cpus_per_actor``: CPUs reserved per actor (also its torch thread count).
+    ``feature``: ``pool`` (the pooled backbone feature the paper clusters) or ``bottleneck``.
+    ``height`` / ``width``: input size (the test transform resizes to it).
+    ``decode``: ``tasks`` (a separate decode stage), ``actor`` (decode in the model actors) or
+    ``auto`` (= ``tasks``).
+    ``decode_concurrency``: max parallel decode tasks (None: Ray decides).
+    ``decode_cpus``: CPUs per decode task. Ray Data fuses a decode stage into the actors when both ask
+    for the same resources, so on CPU clusters keep it different from ``cpus_per_actor``.
+    ``rows_per_file``: target rows per output parquet shard.
+    ``check_images``: check every image exists before starting (one listing per folder).
+    """
+
+    batch_size: int = 64
+    num_actors: int | None = None
+    num_gpus: float | None = None
+    cpus_per_actor: float = 1.0
+    feature: str = "pool"
+    height: int = 256
+    width: int = 128
+    decode: str = "auto"
+    decode_concurrency: int | None = None
+    decode_cpus: float = 0.5
+    rows_per_file: int = 20_000
+    check_images: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ExtractError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.feature not in ("pool", "bottleneck"):
+            raise ExtractError(f"feature must be 'pool' or 'bottleneck', got {self.feature!r}")
+        if self.decode not in DECODE_MODES:
+            raise ExtractError(f"decode must be one of {DECODE_MODES}, got {self.decode!r}")
+        if self.height < 1 or self.width < 1:
+            raise ExtractError(f"image size must be positive, got {self.height}x{self.width}")
+        if self.num_actors is not None and self.num_actors < 1:
+            raise ExtractError(f"num_actors must be >= 1, got {self.num_actors}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Image decoding and preprocessing (shared by the decode tasks, the actors and the benchmark)
+# --------------------------------------------------------------------------------------------------
+
+
+def decode_resize(uri: str, height: int, width: int) -> np.ndarray:
+    """Read and decode one image, resize it as the test transform does; HxWx3 uint8."""
+    from torchvision import transforms as T
+
+    from .data import read_image
+
+    img = read_image(uri)
+    return np.asarray(T.Resize((height, width))(img), dtype=np.uint8)
+
+
+def _decode_batch(batch: dict, height: int, width: int) -> dict:
+    batch["image"] = np.stack([decode_resize(str(p), height, width) for p in batch["path"]])
+    return batch
+
+
+def normalise(images: np.ndarray):
+    """uint8 [B, H, W, 3] -> normalised float tensor [B, 3, H, W]; equal to the test transform's
+    ``ToTensor`` + ``Normalize`` applied image by image."""
+    import torch
+
+    from .transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def features_column(features: np.ndarray) -> pa.FixedSizeListArray:
+    """float32 [n, d] -> ``fixed_size_list<float32>[d]`` arrow column."""
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), features.shape[1])
+
+
+# --------------------------------------------------------------------------------------------------
+# The model actor
+# --------------------------------------------------------------------------------------------------
+
+
+class Extractor:
+    """Ray Data callable class: holds the model, turns a batch of images into a ``feature`` column."""
+
+    def __init__(self, checkpoint: str | None, model_config: dict | None, state_ref: list | None,
+                 feature: str, height: int, width: int, decode_in_actor: bool, use_gpu: bool, threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        if checkpoint is not None:
+            from .models import load_model
+
+            self.model, _, _ = load_model(checkpoint, map_location="cpu")
+        else:
+            import ray
+
+            from .models import ModelConfig, ReidModel
+
+            self.model = ReidModel(ModelConfig.from_dict(model_config))
+            self.model.load_state_dict(ray.get(state_ref[0]))
+        self.model.to(self.device).eval()
+        self.feature, self.height, self.width = feature, height, width
+        self.decode_in_actor = decode_in_actor
+
+    def __call__(self, batch: dict) -> pa.Table:
+        import torch
+
+        if self.decode_in_actor:
+            images = np.stack([decode_resize(str(p), self.height, self.width) for p in batch["path"]])
+        else:
+            images = batch.pop("image")
+        with torch.inference_mode():
+            feats = self.model.extract(normalise(images).to(self.device), feature=self.feature)
+        feats = feats.float().cpu().numpy()
+        table = pa.table({name: pa.array(col) for name, col in batch.items() if name != "image"})
+        return table.append_column("feature", features_column(feats))
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def read_manifest(manifest: str | pa.Table) -> pa.Table:
+    """A manifest table from a parquet URI (local or s3://) or a table; it must have a ``path`` column."""
+    table = storage.read_table(manifest) if isinstance(manifest, str | os.PathLike) else manifest
+    if not isinstance(table, pa.Table):
+        raise ExtractError(f"manifest must be a parquet path/URI or a pyarrow.Table, got {type(manifest).__name__}")
+    if "path" not in table.column_names:
+        raise ExtractError(f"manifest has no 'path' column; has {table.column_names}")
+    if table.num_rows == 0:
+        raise ExtractError("manifest has no rows: nothing to extract")
+    if "row_index" in table.column_names or "feature" in table.column_names:
+        raise ExtractError("manifest already has a 'row_index' or 'feature' column (is it a feature table?)")
+    return table
+
+
+def missing_images(paths: list[str]) -> list[str]:
+    """The paths (local or s3://) that do not exist; one listing per folder, so it scales to S3."""
+    import pyarrow.fs as pafs
+
+    by_dir: dict[str, list[str]] = {}
+    for p in paths:
+        parent = posixpath.dirname(p) if storage.is_s3(p) else os.path.dirname(os.path.abspath(p))
+        by_dir.setdefault(parent, []).append(p)
+    missing = []
+    for folder, items in by_dir.items():
+        fs, fpath = storage.filesystem(folder)
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(fpath, allow_not_found=True))
+        except OSError as e:
+            raise storage.StorageError(f"cannot list image folder {folder}: {e}") from e
+        present = {posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File}
+        missing.extend(p for p in items if os.path.basename(p) not in present)
+    return missing
+
+
+def check_images(paths: list[str], show: int = 5) -> None:
+    """Raise :class:`ExtractError` listing a few missing images and the count of the rest."""
+    missing = missing_images(paths)
+    if missing:
+        more = f" and {len(missing) - show} more" if len(missing) > show else ""
+        raise ExtractError(
+            f"{len(missing)} of {len(paths)} images in the manifest do not exist: "
+            + ", ".join(missing[:show]) + more
+        )
+
+
+def _resources(cfg: ExtractConfig) -> tuple[int, float, str]:
+    """(num_actors, gpus per actor, decode mode) from the config and the cluster's resources."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+    num_gpus = cfg.num_gpus if cfg.num_gpus is not None else (1.0 if gpus >= 1 else 0.0)
+    if num_gpus > 0 and gpus == 0:
+        raise ExtractError(f"num_gpus={num_gpus} per actor but the Ray cluster has no GPUs (it would wait forever)")
+    if num_gpus > 0:
+        num_actors = cfg.num_actors or max(1, int(gpus // num_gpus))
+        if num_actors * num_gpus > gpus:
+            raise ExtractError(f"{num_actors} actors x {num_gpus} GPUs exceed the cluster's {gpus:g} GPUs")
+    else:
+        decode_reserve = max(1.0, cpus // 4) if cfg.decode != "actor" else 0.0
+        num_actors = cfg.num_actors or max(1, int((cpus - decode_reserve) // cfg.cpus_per_actor))
+    if num_actors * cfg.cpus_per_actor > cpus:
+        raise ExtractError(
+            f"{num_actors} actors x {cfg.cpus_per_actor:g} CPUs exceed the cluster's {cpus:g} CPUs (it would wait forever)"
+        )
+    decode = "actor" if cfg.decode == "actor" else "tasks"
+    fused = num_gpus == 0 and cfg.decode_cpus == cfg.cpus_per_actor  # Ray Data runs the decode in the actors
+    if decode == "tasks" and not fused and num_actors * cfg.cpus_per_actor >= cpus:
+        # Decode tasks need a free CPU next to the actors; keep one.
+        if cfg.num_actors is not None:
+            raise ExtractError(f"decode='tasks' needs a CPU free of the {num_actors} actors (cluster has {cpus:g})")
+        num_actors = max(1, num_actors - 1)
+    return num_actors, num_gpus, decode
+
+
+def _clear_output(output_dir: str) -> None:
+    """Remove an earlier extraction's marker and shards (only those: the folder may hold other files)."""
+    storage.remove(storage.join(output_dir, SUCCESS_MARKER))
+    for name in storage.listdir(output_dir):
+        if name.endswith(".parquet") or name == META_FILE:
+            storage.remove(storage.join(output_dir, name))
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+def extract_features(manifest: str | pa.Table, checkpoint, output_dir: str, cfg: ExtractConfig | None = None) -> str:
+    """Extract one feature per manifest image into parquet shards under ``output_dir``; returns it.
+
+    ``checkpoint``: a checkpoint URI (local or s3://, written by ``models.save_checkpoint``) or a
+    ``ModelConfig`` (random initialisation, for tests and demos). See the module docstring.
+    """
+    import ray
+
+    from .models import ModelConfig, build_model
+
+    cfg = cfg or ExtractConfig()
+    table = read_manifest(manifest)
+    paths = table["path"].to_pylist()
+    if cfg.check_images:
+        check_images(paths)
+    if not ray.is_initialized():
+        ray.init()
+    num_actors, num_gpus, decode = _resources(cfg)
+
+    if isinstance(checkpoint, ModelConfig):
+        model = build_model(checkpoint)  # logs that the backbone is randomly initialised
+        state_ref = [ray.put({k: v.detach().cpu() for k, v in model.state_dict().items()})]
+        ckpt_uri, model_config, source = None, asdict(checkpoint), f"random-init {asdict(checkpoint)}"
+    elif isinstance(checkpoint, str | os.PathLike):
+        ckpt_uri, model_config, state_ref, source = str(checkpoint), None, None, str(checkpoint)
+        if not storage.exists(ckpt_uri):
+            raise ExtractError(f"checkpoint {ckpt_uri} does not exist")
+    else:
+        raise ExtractError(f"checkpoint must be a URI or a ModelConfig, got {type(checkpoint).__name__}")
+    output_dir = str(output_dir)
+    storage.makedirs(output_dir)
+    _clear_output(output_dir)  # only once every input is known to be good
+
+    n = table.num_rows
+    table = table.append_column("row_index", pa.array(np.arange(n, dtype=np.int64)))
+    # No more actors than batches; at least one input block per actor, a few batches per block.
+    num_actors = min(num_actors, math.ceil(n / cfg.batch_size))
+    num_blocks = max(math.ceil(n / (4 * cfg.batch_size)), num_actors)
+    rows_per_block = math.ceil(n / num_blocks)
+    blocks = [table.slice(i, rows_per_block) for i in range(0, n, rows_per_block)]
+    ds = ray.data.from_arrow(blocks)
+    if decode == "tasks":
+        ds = ds.map_batches(
+            _decode_batch, fn_kwargs={"height": cfg.height, "width": cfg.width}, batch_size=cfg.batch_size,
+            batch_format="numpy", num_cpus=cfg.decode_cpus, udf_modifying_row_count=False,
+            compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency) if cfg.decode_concurrency else None,
+        )
+    ds = ds.map_batches(
+        Extractor,
+        fn_constructor_kwargs={
+            "checkpoint": ckpt_uri, "model_config": model_config, "state_ref": state_ref,
+            "feature": cfg.feature, "height": cfg.height, "width": cfg.width,
+            "decode_in_actor": decode == "actor", "use_gpu": num_gpus > 0,
+            "threads": max(1, int(cfg.cpus_per_actor)),
+        },
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        num_gpus=num_gpus,
+        num_cpus=cfg.cpus_per_actor,
+        udf_modifying_row_count=False,
+    )
+    fs, fs_path = storage.filesystem(output_dir)
+    start = time.perf_counter()
+    log.info("extracting %d images with %d actor(s) (%g GPU each, decode in %s) -> %s", n, num_actors, num_gpus,
+             decode, output_dir)
+    ds.write_parquet(fs_path, filesystem=fs, min_rows_per_file=min(cfg.rows_per_file, n))
+    seconds = time.perf_counter() - start
+
+    files = [f for f in storage.listdir(output_dir) if f.endswith(".parquet")]
+    written = sum(storage.read_table(storage.join(output_dir, f), columns=["row_index"]).num_rows for f in files)
+    if written != n:
+        raise ExtractError(f"extraction wrote {written} rows for {n} manifest rows in {output_dir}")
+    dim = storage.read_table(storage.join(output_dir, files[0])).schema.field("feature").type.list_size
+    storage.write_json(storage.join(output_dir, META_FILE), {
+        "num_rows": n, "dim": dim, "feature": cfg.feature, "model": source,
+        "manifest": "<table>" if isinstance(manifest, pa.Table) else str(manifest),
+        "columns": table.column_names + ["feature"], "files": sorted(files), "config": asdict(cfg),
+        "num_actors": num_actors, "num_gpus_per_actor": num_gpus, "decode": decode,
+        "seconds": seconds, "images_per_s": n / seconds if seconds > 0 else math.inf,
+    })
+    storage.write_bytes(storage.join(output_dir, SUCCESS_MARKER), b"")  # last: marks the output complete
+    log.info("extracted %d features (%d-d) in %.1f s (%.1f images/s)", n, dim, seconds, n / max(seconds, 1e-9))
+    return output_dir
+
+
+def is_complete(output_dir: str) -> bool:
+    """True when ``output_dir`` holds a finished extraction (its ``_SUCCESS`` marker exists)."""
+    return storage.exists(storage.join(str(output_dir), SUCCESS_MARKER))
+
+
+def load_features(output_dir: str) -> tuple[pa.Table, np.ndarray]:
+    """Read a finished extraction: (table of every column but ``feature``, in manifest order;
+    float32 [N, D] features, row-aligned with the table)."""
+    from .cluster import feature_matrix
+
+    output_dir = str(output_dir)
+    if not is_complete(output_dir):
+        raise ExtractError(
+            f"{output_dir} is not a finished feature extraction (no {SUCCESS_MARKER} marker): "
+            "it is missing or was interrupted; run the extraction again"
+        )
+    files = [f for f in storage.listdir(output_dir) if f.endswith(".parquet")]
+    table = pa.concat_tables([storage.read_table(storage.join(output_dir, f)) for f in files])
+    if "row_index" in table.column_names:
+        table = table.sort_by("row_index")
+    X = feature_matrix(table)
+    return table.drop_columns(["feature"]), X
