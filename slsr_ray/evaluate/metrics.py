@@ -80,6 +80,8 @@ def check_features(features, name: str) -> np.ndarray:
     if arr.dtype.kind not in "fiu":
         raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
     arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not arr.flags.writeable:  # e.g. pyarrow's zero-copy to_numpy(): torch.from_numpy warns on those
+        arr = arr.copy()
     if not np.isfinite(arr).all():
         raise ValueError(f"{name} has non-finite (NaN/inf) values")
     return arr
@@ -228,7 +230,7 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
         step = _batch_size(num_g, batch_bytes)
         for start in range(0, num_q, step):
             sl = slice(start, min(start + step, num_q))
-            yield sl, torch.from_numpy(np.ascontiguousarray(distmat[sl]))
+            yield sl, torch.tensor(distmat[sl])  # a copy: distmat may be read-only
 
     return _evaluate_batches(batches(), q_pids, g_pids, q_camids, g_camids, max_rank)
 
