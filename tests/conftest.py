@@ -89,3 +89,38 @@ def synthetic_dataset(synthetic_root):
     from slsr_ray.data import load_dataset
 
     return load_dataset("market1501", synthetic_root)
+
+
+# The smallest pipeline that still exercises every stage (a few seconds of training per stage).
+TINY_OVERRIDES = [
+    "data.synthetic.num_ids=16",
+    "data.synthetic.cams=3",
+    "data.synthetic.images_per_id=6",
+    "data.synthetic.height=64",
+    "data.synthetic.width=32",
+    "pretrain.epochs=1",
+    "pretrain.height=64",
+    "pretrain.width=32",
+    "pretrain.batch_size=16",
+    "train.epochs=1",
+    "train.height=64",
+    "train.width=32",
+    "train.batch_size=16",
+    "extract.height=64",
+    "extract.width=32",
+    "cluster.ks=[2,3]",
+    "cluster.n_init=1",
+    "gan.epochs=1",
+    "gan.image_size=32",
+    "gan.ngf=8",
+    "gan.ndf=8",
+    "gan.batch_size=16",
+    "generate.count=24",
+    "generate.height=64",
+    "generate.width=32",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides():
+    return list(TINY_OVERRIDES)

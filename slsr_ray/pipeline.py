@@ -1,0 +1,454 @@
+"""The end-to-end SLSR pipeline (Algorithm 1), stage by stage, through artifacts under one run root.
+
+    prepare -> pretrain -> extract -> cluster -> gan -> generate -> train -> evaluate
+
+Each stage reads its inputs from the run root (local folder or ``s3://``), writes its outputs under
+``<run_root>/<stage>/`` and finally a ``_STAGE.json`` marker with the hash of every config it depends
+on (see :mod:`slsr_ray.stages`). Rerunning skips stages whose marker hash matches; ``from_stage``
+forces a stage and everything after it; an interrupted run resumes at the first unfinished stage.
+The ``train`` and ``evaluate`` stages run once per label strategy (SLSR and the baselines) with one
+marker each, so adding a baseline later trains only that baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+
+import pyarrow as pa
+
+from . import storage
+from .config import ConfigError, apply_overrides, config_hash, from_dict, load_yaml, to_dict
+from .extract import ExtractConfig
+from .gan import GanConfig
+from .stages import MARKER, STAGES, is_done, read_record, stage_dir, status_table, write_record
+from .train import TrainConfig
+
+log = logging.getLogger("slsr_ray.pipeline")
+
+PRESETS = ("synthetic", "market1501", "dukemtmcreid", "cuhk03", "viper", "msmt17")
+GENERATED_STRATEGIES = ("lsr", "lsro", "all_in_one", "pseudo", "slsr")
+# lsr smooths real labels only: it needs no generated images (the paper's LSR baseline)
+USES_GENERATED = ("lsro", "all_in_one", "pseudo", "slsr")
+
+
+@dataclass
+class SyntheticSpec:
+    """Size of the synthetic dataset built when ``data.dataset`` is ``synthetic``."""
+
+    num_ids: int = 60
+    cams: int = 4
+    images_per_id: int = 10
+    seed: int = 0
+    height: int = 128
+    width: int = 64
+    num_distractors: int = 10
+    num_junk: int = 5
+
+
+@dataclass
+class DataSection:
+    """``root``: the dataset folder (for ``synthetic``: where to build it; default ``<run_root>/data``
+    on a local run root, a temporary folder uploaded to ``<run_root>/data`` on S3). ``manifests``: a
+    folder/URI with ``train/query/gallery.parquet`` made earlier (``slsr data manifest``), the way to
+    use a dataset stored on S3. ``on_bad_image``: ``raise`` stops on an unreadable image, ``skip``
+    drops it with a warning; ``check_images`` decodes every image up front."""
+
+    dataset: str = "synthetic"
+    root: str | None = None
+    manifests: str | None = None
+    split_id: int = 0
+    check_images: bool = False
+    on_bad_image: str = "raise"
+    synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
+
+
+@dataclass
+class ClusterSection:
+    """K-means over the pretrained features for each K in ``ks``; ``k`` fixes K (None: the K with the
+    best silhouette). ``rule``: S_c = identities with ``any`` image in cluster c (the authors' code) or
+    with at least ``min_share`` of their images in it (``min_share``)."""
+
+    ks: list[int] = field(default_factory=lambda: [2, 3, 4, 5])
+    k: int | None = None
+    rule: str = "any"
+    min_share: float = 0.2
+    n_init: int = 3
+    max_iter: int = 100
+    silhouette_sample: int = 10000
+    seed: int = 0
+
+
+@dataclass
+class GenerateSection:
+    """``count`` generated images (paper best: 12,000) split over clusters ``proportional`` to their
+    size or ``equal``; written at ``height x width`` (the re-id input shape)."""
+
+    count: int = 12000
+    split: str = "proportional"
+    seed: int = 0
+    height: int = 128
+    width: int = 64
+
+
+@dataclass
+class EvaluateSection:
+    rerank: bool = True
+    metric: str = "euclidean"
+    max_rank: int = 50
+    k1: int = 20
+    k2: int = 6
+    lambda_value: float = 0.3
+
+
+@dataclass
+class PipelineConfig:
+    """Everything a run needs. ``train`` is the final training (its ``strategy`` is the method, SLSR by
+    default); ``baselines`` are trained with the same settings and a different strategy for the
+    comparison table; ``train_init``: ``imagenet`` fine-tunes from ``train.model.pretrained`` (the
+    paper: ImageNet weights, random init when none) and ``pretrain`` from the step-1 model."""
+
+    name: str = "custom"
+    run_root: str = "runs/default"
+    data: DataSection = field(default_factory=DataSection)
+    pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, lr=0.001, strategy="none"))
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    gan: GanConfig = field(default_factory=GanConfig)
+    generate: GenerateSection = field(default_factory=GenerateSection)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(strategy="slsr"))
+    train_init: str = "imagenet"
+    baselines: list[str] = field(default_factory=lambda: ["none"])
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+
+    def __post_init__(self):
+        if self.train_init not in ("imagenet", "pretrain"):
+            raise ValueError(f"train_init must be 'imagenet' or 'pretrain', got {self.train_init!r}")
+
+    @property
+    def strategies(self) -> list[str]:
+        out = [self.train.strategy]
+        out += [s for s in self.baselines if s not in out]
+        return out
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def load_config(name_or_path: str = "synthetic", overrides: list[str] | None = None, run_root: str | None = None) -> PipelineConfig:
+    """A preset name (``synthetic``, ``market1501``, ...), a YAML path, or an ``s3://`` YAML URI,
+    with ``section.key=value`` overrides applied; unknown keys and wrong types raise ConfigError."""
+    if name_or_path in PRESETS:
+        text = resources.files("slsr_ray").joinpath(f"configs/{name_or_path}.yaml").read_text()
+    elif storage.is_s3(name_or_path) or os.path.exists(name_or_path):
+        text = storage.read_text(name_or_path)
+    else:
+        raise ConfigError(f"config {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor an existing file")
+    raw = apply_overrides(load_yaml(text, name_or_path), list(overrides or []))
+    if run_root is not None:
+        raw["run_root"] = run_root
+    return from_dict(PipelineConfig, raw)
+
+
+def stage_hashes(cfg: PipelineConfig) -> dict[str, str]:
+    """The config hash each stage's marker must hold; each chains its upstream hashes."""
+    h: dict[str, str] = {}
+    h["prepare"] = config_hash("prepare", cfg.data)
+    h["pretrain"] = config_hash("pretrain", h["prepare"], cfg.pretrain)
+    h["extract"] = config_hash("extract", h["pretrain"], cfg.extract)
+    h["cluster"] = config_hash("cluster", h["extract"], cfg.cluster)
+    h["gan"] = config_hash("gan", h["cluster"], cfg.gan)
+    h["generate"] = config_hash("generate", h["gan"], cfg.generate)
+    for s in cfg.strategies:
+        deps = [h["prepare"], cfg.train, s, cfg.train_init]
+        if s in USES_GENERATED:
+            deps.append(h["generate"])
+        if cfg.train_init == "pretrain":
+            deps.append(h["pretrain"])
+        h[f"train/{s}"] = config_hash("train", *deps)
+        h[f"evaluate/{s}"] = config_hash("evaluate", h[f"train/{s}"], cfg.evaluate, cfg.extract)
+    return h
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+
+def _uri(cfg: PipelineConfig, *parts: str) -> str:
+    return storage.join(cfg.run_root, *parts)
+
+
+def stage_prepare(cfg: PipelineConfig) -> dict:
+    """Write ``prepare/{train,query,gallery}.parquet`` (building the synthetic dataset if asked)."""
+    from .data import check_unique_paths, load_dataset, make_synthetic, to_manifest
+
+    d = cfg.data
+    out = {}
+    if d.manifests:
+        tables = {s: storage.read_table(storage.join(d.manifests, f"{s}.parquet")) for s in ("train", "query", "gallery")}
+    else:
+        root = d.root
+        if d.dataset == "synthetic":
+            spec = d.synthetic
+            s3_run = storage.is_s3(cfg.run_root)
+            if root is None:
+                root = tempfile.mkdtemp(prefix="slsr-synth-") if s3_run else _uri(cfg, "data")
+            if not os.path.isdir(os.path.join(root, "bounding_box_train")):
+                make_synthetic(
+                    root, num_ids=spec.num_ids, cams=spec.cams, images_per_id=spec.images_per_id, seed=spec.seed,
+                    size=(spec.height, spec.width), num_distractors=spec.num_distractors, num_junk=spec.num_junk,
+                )
+            ds = load_dataset("market1501", root)
+            if s3_run:  # every node must read the images: put them next to the run's artifacts
+                ds = _upload_dataset(ds, root, _uri(cfg, "data"))
+        else:
+            if root is None:
+                raise ConfigError(f"data.root is required for dataset {d.dataset!r} (or give data.manifests)")
+            kwargs = {"split_id": d.split_id} if d.dataset in ("viper", "cuhk03") else {}
+            ds = load_dataset(d.dataset, root, **kwargs)
+        tables = {"train": ds.train, "query": ds.query, "gallery": ds.gallery}
+    for split, table in tables.items():
+        table = to_manifest(table)
+        check_unique_paths(table, f"{split} manifest of dataset {d.manifests or d.root or d.dataset}")
+        if d.check_images:
+            from .data import check_images, relabel
+
+            table, bad = check_images(table, on_error=d.on_bad_image)
+            if bad and split == "train":
+                table, _ = relabel(table)  # a dropped identity must not leave a hole in 0..N-1
+        uri = _uri(cfg, "prepare", f"{split}.parquet")
+        storage.write_table(uri, table)
+        out[split] = uri
+    return out
+
+
+def _upload_dataset(ds, local_root: str, dest: str):
+    """Copy a local dataset tree to ``dest`` (S3) and point the manifests at the copies."""
+    import pyarrow.compute as pc
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(dest)
+    pafs.copy_files(local_root, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    prefix = os.path.abspath(local_root)
+
+    def rebase(t: pa.Table) -> pa.Table:
+        new = pc.replace_substring(t["path"], prefix, dest.rstrip("/"))
+        return t.set_column(t.schema.get_field_index("path"), "path", new)
+
+    ds.train, ds.query, ds.gallery = rebase(ds.train), rebase(ds.query), rebase(ds.gallery)
+    return ds
+
+
+def stage_pretrain(cfg: PipelineConfig) -> dict:
+    """Step 1: cross-entropy training on the real identities."""
+    from .train import run_training
+
+    pre = dataclasses.replace(cfg.pretrain, strategy="none")
+    result = run_training(pre, _uri(cfg, "prepare", "train.parquet"), stage_dir(cfg.run_root, "pretrain"))
+    return {"checkpoint": result.checkpoint, "final": result.metrics[-1] if result.metrics else {}, "wall_s": result.wall_s}
+
+
+def stage_extract(cfg: PipelineConfig) -> dict:
+    """Step 2: pooled features of every training image with the pretrained model (Ray Data)."""
+    from .extract import extract_features
+
+    ckpt = read_record(cfg.run_root, "pretrain").outputs["checkpoint"]
+    out = extract_features(_uri(cfg, "prepare", "train.parquet"), ckpt, _uri(cfg, "extract", "features"), cfg.extract)
+    return {"features": out}
+
+
+def stage_cluster(cfg: PipelineConfig) -> dict:
+    """Step 3: k-means for each K, silhouette table, the chosen K's membership S_c."""
+    from .cluster import run_clustering
+
+    c = cfg.cluster
+    ks = sorted(set(c.ks) | ({c.k} if c.k is not None else set()))
+    summary = run_clustering(
+        _uri(cfg, "extract", "features"), stage_dir(cfg.run_root, "cluster"), ks=ks, rule=c.rule,
+        min_share=c.min_share, n_init=c.n_init, max_iter=c.max_iter, seed=c.seed, sample_size=c.silhouette_sample,
+    )
+    k = c.k if c.k is not None else summary["best_k"]
+    return {
+        "k": k,
+        "silhouette": summary["silhouette"],
+        "assignments": _uri(cfg, "cluster", f"k{k}", "assignments.parquet"),
+        "membership": _uri(cfg, "cluster", f"k{k}", "membership.json"),
+    }
+
+
+def stage_gan(cfg: PipelineConfig) -> dict:
+    """Step 4: one DCGAN Ray actor per cluster."""
+    from .gan import train_gans
+
+    assignments = read_record(cfg.run_root, "cluster").outputs["assignments"]
+    result = train_gans(assignments, stage_dir(cfg.run_root, "gan"), cfg.gan)
+    return {"gan_dir": stage_dir(cfg.run_root, "gan"), "clusters": result}
+
+
+def stage_generate(cfg: PipelineConfig) -> dict:
+    """Step 5: generated images with their cluster id (their labels come from the strategy)."""
+    from .gan import generate_images
+
+    g = cfg.generate
+    manifest = generate_images(
+        stage_dir(cfg.run_root, "gan"), stage_dir(cfg.run_root, "generate"), g.count,
+        split=g.split, seed=g.seed, image_size=(g.height, g.width),
+    )
+    return {"manifest": manifest, "count": g.count}
+
+
+def stage_train(cfg: PipelineConfig, strategy: str) -> dict:
+    """Step 6: ResNet + bottleneck + extra linear layer on real (+ generated) images."""
+    from .train import run_training
+
+    tcfg = dataclasses.replace(cfg.train, strategy=strategy)
+    generated = membership = None
+    if strategy in USES_GENERATED:
+        generated = read_record(cfg.run_root, "generate").outputs["manifest"]
+        membership = read_record(cfg.run_root, "cluster").outputs["membership"]
+    init = read_record(cfg.run_root, "pretrain").outputs["checkpoint"] if cfg.train_init == "pretrain" else None
+    result = run_training(
+        tcfg, _uri(cfg, "prepare", "train.parquet"), _uri(cfg, "train", strategy),
+        generated_manifest=generated, membership=membership, init_checkpoint=init,
+    )
+    return {"checkpoint": result.checkpoint, "final": result.metrics[-1] if result.metrics else {}, "wall_s": result.wall_s}
+
+
+def stage_evaluate(cfg: PipelineConfig, strategy: str) -> dict:
+    """Query/gallery features with Ray Data, then CMC/mAP/mINP with and without re-ranking."""
+    import numpy as np
+
+    from .evaluate import evaluate_features, re_ranking_features
+    from .extract import extract_features, load_features
+
+    ckpt = read_record(cfg.run_root, f"train/{strategy}").outputs["checkpoint"]
+    q = storage.read_table(_uri(cfg, "prepare", "query.parquet"))
+    g = storage.read_table(_uri(cfg, "prepare", "gallery.parquet"))
+    both = pa.concat_tables([
+        q.append_column("split", pa.array(["query"] * q.num_rows)),
+        g.append_column("split", pa.array(["gallery"] * g.num_rows)),
+    ])
+    feat_dir = extract_features(both, ckpt, _uri(cfg, "evaluate", strategy, "features"), cfg.extract)
+    table, feats = load_features(feat_dir)
+    is_q = np.asarray(table["split"].to_pylist()) == "query"
+    pids, cams = table["pid"].to_numpy(), table["camid"].to_numpy()
+    ev = cfg.evaluate
+    results = {
+        "plain": evaluate_features(feats[is_q], feats[~is_q], pids[is_q], pids[~is_q], cams[is_q], cams[~is_q],
+                                   metric=ev.metric, max_rank=ev.max_rank),
+    }
+    if ev.rerank:
+        dist = re_ranking_features(feats[is_q], feats[~is_q], k1=ev.k1, k2=ev.k2, lambda_value=ev.lambda_value,
+                                  metric=ev.metric)
+        from .evaluate import evaluate_rank
+
+        results["rerank"] = evaluate_rank(dist, pids[is_q], pids[~is_q], cams[is_q], cams[~is_q], max_rank=ev.max_rank)
+    out = {}
+    for kind, res in results.items():
+        uri = _uri(cfg, "evaluate", strategy, f"{kind}.json")
+        storage.write_json(uri, _metrics_dict(res))
+        out[kind] = _metrics_dict(res)
+    return out
+
+
+def _metrics_dict(res: dict) -> dict:
+    cmc = [float(x) for x in res["cmc"]]
+    return {
+        "rank1": cmc[0], "rank5": cmc[min(4, len(cmc) - 1)], "rank10": cmc[min(9, len(cmc) - 1)],
+        "rank20": cmc[min(19, len(cmc) - 1)], "mAP": float(res["mAP"]), "mINP": float(res["mINP"]),
+        "num_valid_queries": int(res["num_valid_queries"]), "cmc": cmc,
+    }
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+def plan(cfg: PipelineConfig) -> list[tuple[str, callable]]:
+    """(stage key, function) in order; train/evaluate once per strategy."""
+    steps: list[tuple[str, callable]] = [
+        ("prepare", stage_prepare), ("pretrain", stage_pretrain), ("extract", stage_extract),
+        ("cluster", stage_cluster),
+    ]
+    if any(s in USES_GENERATED for s in cfg.strategies):
+        steps += [("gan", stage_gan), ("generate", stage_generate)]
+    for s in cfg.strategies:
+        steps.append((f"train/{s}", lambda c, s=s: stage_train(c, s)))
+    for s in cfg.strategies:
+        steps.append((f"evaluate/{s}", lambda c, s=s: stage_evaluate(c, s)))
+    return steps
+
+
+def _stage_family(key: str) -> str:
+    return key.split("/", 1)[0]
+
+
+def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, until: str | None = None,
+                 echo=print) -> dict:
+    """Run (or resume) the pipeline; returns the run summary (also written under ``report/``)."""
+    if from_stage is not None and from_stage not in STAGES:
+        raise ConfigError(f"--from must be one of {', '.join(STAGES)}, got {from_stage!r}")
+    if until is not None and until not in STAGES:
+        raise ConfigError(f"--until must be one of {', '.join(STAGES)}, got {until!r}")
+    check_run_root(cfg.run_root)
+    storage.write_json(_uri(cfg, "config.json"), to_dict(cfg))
+    hashes = stage_hashes(cfg)
+    forced = False
+    timings = {}
+    for key, fn in plan(cfg):
+        family = _stage_family(key)
+        if from_stage is not None and family == from_stage:
+            forced = True
+        if not forced and is_done(cfg.run_root, key, hashes[key]):
+            echo(f"[slsr] {key:<18} done (skipped)")
+            timings[key] = read_record(cfg.run_root, key).seconds
+            continue
+        echo(f"[slsr] {key:<18} running ...")
+        # An earlier marker must not outlive a rerun that dies half-way through rewriting the artifacts.
+        storage.remove(storage.join(cfg.run_root, key, MARKER))
+        t0 = time.time()
+        outputs = fn(cfg)
+        rec = write_record(cfg.run_root, key, hashes[key], t0, outputs)
+        timings[key] = rec.seconds
+        echo(f"[slsr] {key:<18} finished in {rec.seconds:.1f}s")
+        if until is not None and family == until:
+            break
+    from .report import write_report
+
+    return write_report(cfg, echo=echo)
+
+
+def check_run_root(run_root: str) -> None:
+    """The run root must be writable, and shared storage when a job runs on several nodes."""
+    if not storage.is_s3(run_root) and os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        import ray
+
+        if ray.is_initialized():
+            nodes = [n for n in ray.nodes() if n.get("Alive")]
+            if len(nodes) > 1:
+                raise ConfigError(
+                    f"run root {run_root!r} is a local path but this job runs on a {len(nodes)}-node cluster: "
+                    "other nodes cannot read it; use an s3:// run root"
+                )
+    storage.check_writable(run_root)
+
+
+def pipeline_status(run_root: str) -> list[dict]:
+    """Stage states for ``slsr status`` (reads the run's saved config to spot stale stages)."""
+    cfg_uri = storage.join(run_root, "config.json")
+    expected = None
+    rows_extra = []
+    if storage.exists(cfg_uri):
+        cfg = from_dict(PipelineConfig, storage.read_json(cfg_uri))
+        expected = stage_hashes(cfg)
+        rows_extra = [k for k in expected if "/" in k]
+    rows = [r for r in status_table(run_root, expected) if r["stage"] not in ("train", "evaluate")]
+    for key in rows_extra:
+        rec = read_record(run_root, key)
+        state = "pending" if rec is None else ("done" if rec.hash == expected[key] else "stale")
+        rows.append({"stage": key, "state": state, "seconds": rec.seconds if rec else None,
+                     "finished": rec.finished if rec else None})
+    return rows

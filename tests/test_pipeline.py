@@ -1,0 +1,101 @@
+"""Pipeline config handling and bad input (the end-to-end runs live in test_jobs.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from slsr_ray import storage
+from slsr_ray.cli import app
+from slsr_ray.config import ConfigError
+from slsr_ray.data import DatasetError
+from slsr_ray.pipeline import PRESETS, check_run_root, load_config, stage_hashes, stage_prepare
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_load_with_paper_settings(name):
+    cfg = load_config(name)
+    assert cfg.train.strategy == "slsr" and cfg.train.lam == 1.0
+    assert "none" in cfg.baselines
+    if name != "synthetic":  # the paper's hyperparameters (section 5.2)
+        assert (cfg.train.epochs, cfg.train.lr, cfg.train.lr_policy, cfg.train.batch_size) == (130, 0.01, "inv", 32)
+        assert (cfg.train.gamma, cfg.train.power, cfg.train.momentum, cfg.train.weight_decay) == (0.1, 0.025, 0.9, 5e-4)
+        assert (cfg.pretrain.epochs, cfg.pretrain.lr) == (40, 0.001)
+        assert (cfg.gan.epochs, cfg.gan.lr, cfg.gan.beta1, cfg.gan.image_size) == (30, 2e-4, 0.5, 128)
+        assert cfg.generate.count == 12000 and cfg.train.model.backbone == "resnet50"
+        assert cfg.cluster.ks == [2, 3, 4, 5]
+
+
+def test_unknown_key_and_wrong_type_name_the_key():
+    with pytest.raises(ConfigError, match="epochz"):
+        load_config("synthetic", ["train.epochz=3"])
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config("synthetic", ["train.epochs=many"])
+    with pytest.raises(ConfigError, match="unknown key.*colour"):
+        load_config("synthetic", ["colour=red"])
+    with pytest.raises(ConfigError, match="neither a preset"):
+        load_config("no-such-preset")
+
+
+def test_cli_reports_config_errors_with_exit_code_2(tmp_path):
+    res = runner.invoke(app, ["run", "--run-root", str(tmp_path), "--set", "cluster.kk=3"])
+    assert res.exit_code == 2
+    assert "kk" in res.output
+
+
+def test_yaml_file_config(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\ntrain: {epochs: 3, strategy: lsro}\nbaselines: [none, slsr]\n")
+    cfg = load_config(str(path), run_root=str(tmp_path / "run"))
+    assert cfg.name == "mine" and cfg.train.epochs == 3 and cfg.strategies == ["lsro", "none", "slsr"]
+    assert cfg.run_root == str(tmp_path / "run")
+
+
+def test_hashes_chain_downstream_only():
+    base = load_config("synthetic")
+    changed = load_config("synthetic", ["gan.epochs=3"])
+    a, b = stage_hashes(base), stage_hashes(changed)
+    for stage in ("prepare", "pretrain", "extract", "cluster", "train/none", "evaluate/none"):
+        assert a[stage] == b[stage], stage  # the real-only baseline does not depend on the GANs
+    for stage in ("gan", "generate", "train/slsr", "evaluate/slsr"):
+        assert a[stage] != b[stage], stage
+
+
+def test_run_root_not_writable(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(storage.StorageError, match="not writable"):
+        check_run_root(str(blocker / "run"))
+
+
+def test_local_run_root_rejected_for_multi_node_job(tmp_path, monkeypatch, ray_session):
+    """A job on a multi-node cluster cannot use a local run root: the other nodes cannot read it."""
+    import ray
+
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}])
+    with pytest.raises(ConfigError, match="local path.*2-node.*s3://"):
+        check_run_root(str(tmp_path / "run"))
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}])
+    check_run_root(str(tmp_path / "run"))  # single node: fine
+
+
+def test_wrong_dataset_layout_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    cfg = load_config("market1501", [f"data.root={tmp_path / 'empty'}"], run_root=str(tmp_path / "run"))
+    with pytest.raises(DatasetError, match="bounding_box_train"):
+        stage_prepare(cfg)
+    cfg = load_config("market1501", run_root=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match="data.root is required"):
+        stage_prepare(cfg)
+    assert not os.path.exists(tmp_path / "run" / "prepare" / "train.parquet")
+
+
+def test_status_of_an_empty_run_root(tmp_path):
+    res = runner.invoke(app, ["status", str(tmp_path)])
+    assert res.exit_code == 0
+    assert "pending" in res.output and "prepare" in res.output
