@@ -114,10 +114,13 @@ def _wrap(uri: str, err: Exception) -> StorageError:
     msg = str(err)
     if is_s3(uri):
         low = msg.lower()
-        if "nosuchbucket" in low or "bucket does not exist" in low or "bucket" in low and "not" in low:
-            return StorageError(f"S3 bucket for {uri} does not exist or is not accessible: {msg}")
+        # connection errors first: their text also holds "bucket" and "not" ("Could not connect")
         if "curl" in low or "connect" in low or "timed out" in low or "timeout" in low:
             return StorageError(f"S3 endpoint unreachable while accessing {uri}: {msg}")
+        if "slow_down" in low or "slowdown" in low or "throttl" in low or "http status 503" in low:
+            return StorageError(f"S3 throttled the requests for {uri} (still failing after retries): {msg}")
+        if "nosuchbucket" in low or "bucket does not exist" in low or "bucket" in low and "not" in low:
+            return StorageError(f"S3 bucket for {uri} does not exist or is not accessible: {msg}")
     return StorageError(f"{uri}: {msg}")
 
 

@@ -71,6 +71,34 @@ def to_manifest(table: pa.Table) -> pa.Table:
     return table
 
 
+def check_unique_paths(table: pa.Table, where: str, max_listed: int = 5) -> None:
+    """Raise :class:`DatasetError` when a split lists an image more than once.
+
+    A duplicated row would silently count the image twice in training, k-means and evaluation, and
+    break "one feature per image"; it is almost always a manifest-building mistake, so it is an error
+    (naming a few duplicated paths) rather than a silent dedup.
+    """
+    counts = pc.value_counts(table["path"])
+    dup = [(c["values"].as_py(), c["counts"].as_py()) for c in counts if c["counts"].as_py() > 1]
+    if dup:
+        listed = ", ".join(f"{p!r} x{n}" for p, n in dup[:max_listed])
+        more = f" and {len(dup) - max_listed} more" if len(dup) > max_listed else ""
+        raise DatasetError(f"{where}: {len(dup)} image path(s) listed more than once: {listed}{more}; "
+                           "each image must appear once per split")
+
+
+def resolve_under(root: str, rel_path: str, where: str) -> str:
+    """``root/rel_path``, refusing a relative path that climbs out of ``root`` (``../../etc/passwd``).
+
+    Symlinks are not resolved (datasets often link image folders from elsewhere); ``..`` components
+    that leave ``root`` are an error naming ``where`` (the manifest file and line)."""
+    root_abs = os.path.abspath(root)
+    full = os.path.normpath(os.path.join(root_abs, rel_path))
+    if os.path.commonpath([root_abs, full]) != root_abs:
+        raise DatasetError(f"{where}: path {rel_path!r} points outside the dataset root {root_abs}")
+    return os.path.normpath(os.path.join(root, rel_path))
+
+
 def relabel(table: pa.Table) -> tuple[pa.Table, dict[int, int]]:
     """Map a split's pids to 0..N-1 in sorted order of the original ids (as torchreid does)."""
     pids = table["pid"].to_numpy()

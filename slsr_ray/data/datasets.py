@@ -27,7 +27,15 @@ import re
 
 import numpy as np
 
-from .base import DatasetError, ReidDataset, make_table, relabel, require_dir
+from .base import (
+    DatasetError,
+    ReidDataset,
+    check_unique_paths,
+    make_table,
+    relabel,
+    require_dir,
+    resolve_under,
+)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 _MARKET_RE = re.compile(r"^([-\d]+)_c(\d+)")
@@ -173,7 +181,7 @@ def _read_msmt_list(list_path: str, image_dir: str):
             fields = line.split()
             if len(fields) != 2 or not fields[1].lstrip("-").isdigit():
                 raise DatasetError(f"{list_path}:{line_no}: expected '<relative path> <pid>', got {line!r}")
-            paths.append(os.path.join(image_dir, fields[0]))
+            paths.append(resolve_under(image_dir, fields[0], f"{list_path}:{line_no}"))
             pids.append(int(fields[1]))
             camids.append(_msmt_camid(fields[0], list_path, line_no))
     if paths and not os.path.exists(paths[0]):
@@ -568,7 +576,7 @@ def _folder_from_csv(csv_path: str, root: str) -> tuple[list[str], list[int], li
                 ) from None
             path = row["path"]
             if not (os.path.isabs(path) or path.startswith("s3://")):
-                path = os.path.join(root, path)
+                path = resolve_under(root, path, f"{csv_path}:{line_no}")
             paths.append(path)
             pids.append(pid)
             cams.append(cam)
@@ -615,6 +623,8 @@ def load_folder(root: str, **_) -> ReidDataset:
         )
     tables["train"], _ = relabel(tables["train"])
     _require_nonempty("folder", root, tables)
+    for split, table in tables.items():
+        check_unique_paths(table, f"folder dataset {root}, {split} split")
     return ReidDataset(
         name="folder", root=os.path.abspath(root), extra={"camera_labels": cam_labels}, **tables
     )

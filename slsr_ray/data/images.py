@@ -21,9 +21,20 @@ def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageReadError(f"{name}: not a decodable image ({e})") from e
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _to_8bit(img)  # PIL's convert("RGB") clips 16-bit/float values instead of scaling them
     return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16/32-bit integer greyscale -> 8-bit by the top 8 of 16 bits; float greyscale in [0, 1] -> 0..255."""
+    arr = np.asarray(img)
+    if img.mode == "F":
+        scaled = np.clip(arr, 0.0, 1.0) * 255.0 if np.nanmax(arr) <= 1.0 else np.clip(arr, 0.0, 255.0)
+        return Image.fromarray(np.nan_to_num(scaled).round().astype(np.uint8))
+    return Image.fromarray((np.clip(arr.astype(np.int64), 0, 65535) >> 8).astype(np.uint8))
 
 
 def read_image(uri: str) -> Image.Image:
