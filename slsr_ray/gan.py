@@ -1,0 +1,780 @@
+"""Steps 4-5 of Algorithm 1: one DCGAN per k-means cluster, trained as one Ray actor per cluster, then
+generated images tagged with their cluster (the training stage gives them the cluster's sparse label).
+
+Artifacts under ``gan_dir`` (a local path or ``s3://`` URI)::
+
+    gan_dir/gan.json            config and per-cluster results of the last ``train_gans``
+    gan_dir/c{c}/ckpt.pt        G, D and both Adam states after the last finished epoch
+    gan_dir/c{c}/losses.json    per-epoch D/G losses, D(x), D(G(z)), seconds
+    gan_dir/c{c}/samples.png    8x8 grid of the first 64 images ``generate_images`` will write
+    gan_dir/c{c}/losses.png     loss curves
+
+and under the generation ``out_dir``::
+
+    out_dir/images/c{c}/000000.jpg ...   generated images, resized to the re-id shape (h, w)
+    out_dir/manifest.parquet             MANIFEST_SCHEMA rows (pid -1, camid -1, source "generated",
+                                         cluster c) plus ``generator`` (the checkpoint URI)
+    out_dir/generation.json              seed, sizes and checkpoint digests (guards resumption)
+
+Fault tolerance: each actor is created with ``max_restarts`` and ``max_task_retries``; when Ray
+restarts one (node loss, ``ray.kill(a, no_restart=False)``), ``__init__`` runs again and loads the
+last checkpoint, and the in-flight ``train()`` call is re-executed and continues from that epoch.
+Every epoch draws its shuffling and noise from a generator seeded by (seed, cluster, epoch), so a
+resumed run repeats no work and sees the same data order it would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import io
+import json
+import math
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import torch
+from PIL import Image
+
+from . import storage
+from .data import MANIFEST_SCHEMA, ImageReadError, read_image
+from .models.dcgan import DCGANArch, build_dcgan, sample_noise
+
+CHECKPOINT_FORMAT = 1
+SPLITS = ("proportional", "equal")
+GENERATED_SCHEMA = MANIFEST_SCHEMA.append(pa.field("generator", pa.string()))
+
+
+class GanError(RuntimeError):
+    """Base class for errors of the GAN stage."""
+
+
+class GanDivergedError(GanError):
+    """Training produced NaN/inf or exploding losses; the last good checkpoint is kept."""
+
+
+class GanCheckpointError(GanError):
+    """A checkpoint does not match this run (other architecture, other images) or is not a DCGAN checkpoint."""
+
+
+class GanDataError(GanError, ValueError):
+    """A cluster's images are missing, unreadable or too few."""
+
+
+@dataclass
+class GanConfig:
+    """Settings of the per-cluster DCGANs (defaults: the paper, section 4.2 and 5.1)."""
+
+    image_size: int = 128  # square side G generates and D sees (multiple of 16; 64 or 32 for CPU demos)
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 2e-4
+    beta1: float = 0.5
+    nz: int = 100
+    ngf: int = 64  # G channels at the last hidden layer (paper: 64 -> 512/256/128/64)
+    ndf: int = 64
+    d_activation: str = "relu"  # paper: BN + ReLU in D; "leaky" = DCGAN's LeakyReLU(0.2)
+    num_gpus: float | None = None  # per actor; None: 1 if the Ray cluster has GPUs (shared if fewer than K)
+    num_cpus: float | None = None  # per actor; None: the cluster's CPUs split across the K actors (max 8)
+    max_restarts: int = 3  # Ray restarts of a crashed/killed actor; the call is retried as often
+    seed: int = 0
+    min_images: str = "train"  # cluster smaller than one batch: "train" on what there is, or "error"
+    on_unreadable: str = "skip"  # unreadable image: "skip" (counted in the result) or "error"
+    max_loss: float = 100.0  # an epoch-mean D or G loss above this counts as diverged (as does NaN/inf)
+    grid_size: int = 64  # images in samples.png
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 (BatchNorm needs 2 samples), got {self.batch_size}")
+        if self.min_images not in ("train", "error"):
+            raise ValueError(f"min_images must be 'train' or 'error', got {self.min_images!r}")
+        if self.on_unreadable not in ("skip", "error"):
+            raise ValueError(f"on_unreadable must be 'skip' or 'error', got {self.on_unreadable!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        self.arch()  # validates image_size / nz / ngf / ndf / d_activation
+
+    def arch(self) -> DCGANArch:
+        return DCGANArch(self.image_size, self.nz, self.ngf, self.ndf, self.d_activation)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GanConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ----------------------------------------------------------------------------------------------- seeds
+
+
+def _derive_seed(*parts: int) -> int:
+    """A 63-bit seed that depends only on ``parts`` (stable across processes and Python versions)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def generation_noise(seed: int, cluster: int, indices, nz: int) -> torch.Tensor:
+    """z of generated image ``i`` of ``cluster``: depends only on (seed, cluster, i), so the images for a
+    count n are a prefix of those for any larger count."""
+    z = [np.random.default_rng([seed, cluster, int(i)]).uniform(-1.0, 1.0, nz) for i in indices]
+    return torch.from_numpy(np.asarray(z, dtype=np.float32).reshape(len(z), nz))
+
+
+# ----------------------------------------------------------------------------------------- inputs
+
+
+def load_assignments(source: str | os.PathLike | pa.Table) -> pa.Table:
+    """The clustering stage's assignments: a table, an ``assignments.parquet`` URI, or a ``k{K}`` folder.
+
+    Needs columns ``path`` and ``cluster`` (``pid``/``camid`` are carried along when present). Rows
+    with a negative cluster (unassigned) are dropped.
+    """
+    if isinstance(source, pa.Table):
+        table = source
+    else:
+        uri = str(source)
+        if not uri.endswith(".parquet"):
+            uri = storage.join(uri, "assignments.parquet")
+        if not storage.exists(uri):
+            raise GanDataError(
+                f"cluster assignments {uri} do not exist; pass the clustering stage's k{{K}} folder or its "
+                "assignments.parquet (columns path, pid, camid, cluster)"
+            )
+        table = storage.read_table(uri)
+    missing = [c for c in ("path", "cluster") if c not in table.column_names]
+    if missing:
+        raise GanDataError(
+            f"cluster assignments lack columns {missing} (have {table.column_names}); expected path, pid, "
+            "camid, cluster"
+        )
+    table = table.set_column(table.schema.get_field_index("cluster"), "cluster", pc.cast(table["cluster"], pa.int64()))
+    table = table.filter(pc.greater_equal(table["cluster"], 0))
+    if table.num_rows == 0:
+        raise GanDataError("cluster assignments hold no rows with a cluster id >= 0")
+    return table
+
+
+def cluster_paths(table: pa.Table) -> dict[int, list[str]]:
+    """Image paths per cluster id, in the table's order."""
+    clusters = table["cluster"].to_numpy()
+    paths = table["path"].to_pylist()
+    out: dict[int, list[str]] = {}
+    for c in np.unique(clusters):
+        out[int(c)] = [paths[i] for i in np.flatnonzero(clusters == c)]
+    return out
+
+
+def load_cluster_images(
+    paths: list[str], image_size: int, on_unreadable: str = "skip", threads: int = 8
+) -> tuple[torch.Tensor, list[str]]:
+    """Decode and resize ``paths`` to square ``image_size`` crops (LSRO's square DCGAN input).
+
+    Returns (uint8 tensor N x 3 x S x S, the paths that could not be read). With
+    ``on_unreadable="error"`` the first unreadable image raises :class:`GanDataError`.
+    """
+
+    def load(path: str) -> np.ndarray | None:
+        try:
+            img = read_image(path)
+        except ImageReadError as e:
+            if on_unreadable == "error":
+                raise GanDataError(f"unreadable training image: {e}") from e
+            return None
+        return np.asarray(img.resize((image_size, image_size), Image.BICUBIC), dtype=np.uint8)
+
+    with ThreadPoolExecutor(threads) as pool:  # decoding/IO releases the GIL; S3 reads are latency-bound
+        arrays = list(pool.map(load, paths))
+    bad = [p for p, a in zip(paths, arrays, strict=True) if a is None]
+    good = [a for a in arrays if a is not None]
+    if not good:
+        return torch.empty(0, 3, image_size, image_size, dtype=torch.uint8), bad
+    return torch.from_numpy(np.stack(good)).permute(0, 3, 1, 2).contiguous(), bad
+
+
+def _fingerprint(paths: list[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(paths)).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_uri(gan_dir: str, cluster: int) -> str:
+    return storage.join(str(gan_dir), f"c{cluster}", "ckpt.pt")
+
+
+def load_checkpoint(uri: str, map_location: str | torch.device = "cpu", data: bytes | None = None) -> dict:
+    """Read a GAN checkpoint (``weights_only=True``: no code is unpickled) and check its format."""
+    data = storage.read_bytes(uri) if data is None else data
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise GanCheckpointError(f"{uri} is not a readable DCGAN checkpoint: {e}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "arch" not in ckpt:
+        raise GanCheckpointError(f"{uri} is not a slsr-ray DCGAN checkpoint (format {CHECKPOINT_FORMAT})")
+    return ckpt
+
+
+def _check_arch(uri: str, ckpt: dict, arch: DCGANArch) -> None:
+    if ckpt["arch"] != arch.to_dict():
+        theirs = ", ".join(f"{k}={v}" for k, v in sorted(ckpt["arch"].items()))
+        ours = ", ".join(f"{k}={v}" for k, v in sorted(arch.to_dict().items()))
+        raise GanCheckpointError(
+            f"{uri} was trained with a different DCGAN architecture ({theirs}) than this run asks for "
+            f"({ours}); use the same settings to resume, or a new GAN folder"
+        )
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+class GanTrainerCore:
+    """Trains the DCGAN of one cluster; plain class (usable in-process), wrapped as the actor :data:`GanTrainer`.
+
+    ``__init__`` loads the cluster's images and, when ``gan_dir/c{c}/ckpt.pt`` exists, the last
+    checkpoint, so a restarted actor (or a rerun) continues where the previous one stopped.
+    """
+
+    def __init__(self, cluster: int, paths: list[str], gan_dir: str, cfg: GanConfig, num_threads: int | None = None):
+        self.cluster = int(cluster)
+        self.cfg = cfg
+        self.gan_dir = str(gan_dir)
+        self.dir = storage.join(self.gan_dir, f"c{self.cluster}")
+        self.ckpt_uri = checkpoint_uri(self.gan_dir, self.cluster)
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.arch = cfg.arch()
+        self.fingerprint = _fingerprint(paths)
+        self.num_assigned = len(paths)
+
+        self.images, self.unreadable = load_cluster_images(paths, cfg.image_size, cfg.on_unreadable)
+        n = len(self.images)
+        if n < 2:
+            raise GanDataError(
+                f"cluster {self.cluster} has {n} readable image(s) of {len(paths)} assigned "
+                f"({len(self.unreadable)} unreadable); a DCGAN needs at least 2"
+            )
+        if n < cfg.batch_size and cfg.min_images == "error":
+            raise GanDataError(
+                f"cluster {self.cluster} has {n} readable images, fewer than one batch ({cfg.batch_size}); "
+                "lower batch_size, use fewer clusters, or set min_images='train' to train on what there is"
+            )
+        self._init_models()
+        self.epoch = 0
+        self.losses: list[dict] = []
+        if storage.exists(self.ckpt_uri):
+            self._load(self.ckpt_uri)
+        self.loaded_epoch = self.epoch
+        self.ready_at = time.time()
+
+    # -- state
+    def _init_models(self) -> None:
+        torch.manual_seed(_derive_seed(self.cfg.seed, self.cluster, 1 << 30))
+        self.G, self.D = (m.to(self.device) for m in build_dcgan(self.arch))
+        betas = (self.cfg.beta1, 0.999)
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=self.cfg.lr, betas=betas)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=self.cfg.lr, betas=betas)
+
+    def _load(self, uri: str) -> None:
+        ckpt = load_checkpoint(uri, self.device)
+        _check_arch(uri, ckpt, self.arch)
+        if ckpt.get("fingerprint") != self.fingerprint:
+            raise GanCheckpointError(
+                f"{uri} was trained on another image set for cluster {self.cluster} "
+                f"({ckpt.get('num_assigned')} images then, {self.num_assigned} now); "
+                "the clustering changed: use a new GAN folder"
+            )
+        try:
+            self.G.load_state_dict(ckpt["G"])
+            self.D.load_state_dict(ckpt["D"])
+            self.opt_g.load_state_dict(ckpt["opt_g"])
+            self.opt_d.load_state_dict(ckpt["opt_d"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise GanCheckpointError(f"{uri} does not fit this DCGAN: {e}") from e
+        for opt in (self.opt_g, self.opt_d):  # this run's lr/beta1 win over the saved ones
+            for group in opt.param_groups:
+                group["lr"], group["betas"] = self.cfg.lr, (self.cfg.beta1, 0.999)
+        self.epoch = int(ckpt["epoch"])
+        self.losses = list(ckpt["losses"])[: self.epoch]
+
+    def _save(self) -> None:
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "arch": self.arch.to_dict(),
+            "cluster": self.cluster,
+            "epoch": self.epoch,
+            "num_images": len(self.images),
+            "num_assigned": self.num_assigned,
+            "fingerprint": self.fingerprint,
+            "seed": self.cfg.seed,
+            "losses": self.losses,
+            "G": self.G.state_dict(),
+            "D": self.D.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+        }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        storage.write_bytes(self.ckpt_uri, buf.getvalue())  # atomic: a kill mid-write keeps the old one
+        storage.write_json(storage.join(self.dir, "losses.json"), self.losses)
+
+    def _restore_last_good(self) -> None:
+        self._init_models()
+        self.epoch, self.losses = 0, []
+        if storage.exists(self.ckpt_uri):
+            self._load(self.ckpt_uri)
+
+    # -- training
+    def _train_epoch(self, epoch: int) -> dict:
+        cfg, n = self.cfg, len(self.images)
+        rng = torch.Generator().manual_seed(_derive_seed(cfg.seed, self.cluster, epoch))
+        order = torch.randperm(n, generator=rng)
+        bs = min(cfg.batch_size, n)
+        batches = [order[i : i + bs] for i in range(0, n, bs)]
+        if len(batches) > 1 and len(batches[-1]) < 2:  # BatchNorm cannot normalise a batch of one
+            batches.pop()
+        bce = torch.nn.BCEWithLogitsLoss()
+        self.G.train()
+        self.D.train()
+        sums = np.zeros(4)
+        t0 = time.perf_counter()
+        for step, idx in enumerate(batches):
+            real = self.images[idx].to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
+            z = sample_noise(len(idx), cfg.nz, rng).to(self.device)
+            ones = torch.ones(len(idx), device=self.device)
+            zeros = torch.zeros(len(idx), device=self.device)
+            fake = self.G(z)
+            # D: real -> 1, fake -> 0
+            self.opt_d.zero_grad(set_to_none=True)
+            logit_real = self.D(real)
+            logit_fake = self.D(fake.detach())
+            loss_d = bce(logit_real, ones) + bce(logit_fake, zeros)
+            loss_d.backward()
+            self.opt_d.step()
+            # G: non-saturating loss, -log D(G(z))
+            self.opt_g.zero_grad(set_to_none=True)
+            loss_g = bce(self.D(fake), ones)
+            loss_g.backward()
+            self.opt_g.step()
+            values = (
+                loss_d.item(), loss_g.item(),
+                torch.sigmoid(logit_real).mean().item(), torch.sigmoid(logit_fake).mean().item(),
+            )
+            if not all(math.isfinite(v) for v in values[:2]):
+                raise self._diverged(epoch, step, f"loss_d={values[0]} loss_g={values[1]}")
+            sums += values
+        mean = sums / len(batches)
+        stats = {
+            "epoch": epoch + 1,
+            "loss_d": float(mean[0]),
+            "loss_g": float(mean[1]),
+            "d_real": float(mean[2]),
+            "d_fake": float(mean[3]),
+            "steps": len(batches),
+            "seconds": time.perf_counter() - t0,
+        }
+        if max(stats["loss_d"], stats["loss_g"]) > cfg.max_loss:
+            raise self._diverged(
+                epoch, len(batches) - 1,
+                f"epoch-mean loss_d={stats['loss_d']:.3g} loss_g={stats['loss_g']:.3g} above max_loss={cfg.max_loss}",
+            )
+        return stats
+
+    def _diverged(self, epoch: int, step: int, what: str) -> GanDivergedError:
+        kept = f"the last good checkpoint (epoch {self.epoch}) is kept at {self.ckpt_uri}" if self.epoch else (
+            "no checkpoint was written yet"
+        )
+        self._restore_last_good()
+        return GanDivergedError(
+            f"DCGAN of cluster {self.cluster} diverged at epoch {epoch + 1}, step {step + 1}: {what}; {kept}. "
+            f"Lower the learning rate (lr={self.cfg.lr}) or try d_activation='leaky'"
+        )
+
+    def train(self, epochs: int | None = None) -> dict:
+        """Train up to ``epochs`` (default ``cfg.epochs``) total epochs, checkpointing after each one.
+
+        Idempotent: epochs already in the checkpoint are not repeated, so a retried call (after an
+        actor restart) or a rerun just continues. Returns a summary of this cluster's training.
+        """
+        epochs = self.cfg.epochs if epochs is None else int(epochs)
+        started_at, start_epoch = time.time(), self.epoch
+        for epoch in range(self.epoch, epochs):
+            self.losses.append(self._train_epoch(epoch))
+            self.epoch = epoch + 1
+            self._save()
+        if self.epoch > start_epoch or not storage.exists(storage.join(self.dir, "samples.png")):
+            self.write_plots()
+        last = self.losses[-1] if self.losses else {}
+        return {
+            "cluster": self.cluster,
+            "epochs": self.epoch,
+            "resumed_from_epoch": start_epoch,
+            "num_images": len(self.images),
+            "unreadable": len(self.unreadable),
+            "unreadable_examples": self.unreadable[:5],
+            "loss_d": last.get("loss_d"),
+            "loss_g": last.get("loss_g"),
+            "d_real": last.get("d_real"),
+            "d_fake": last.get("d_fake"),
+            "checkpoint": self.ckpt_uri,
+            "ready_at": self.ready_at,
+            "started_at": started_at,
+            "finished_at": time.time(),
+            "wall_s": time.time() - started_at,
+            "device": str(self.device),
+            "pid": os.getpid(),
+        }
+
+    def progress(self) -> int:
+        return self.epoch
+
+    # -- pictures for a person to look at
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        """The first ``n`` images :func:`generate_images` writes for this cluster (eval-mode G, [-1, 1])."""
+        self.G.eval()
+        return self.G(generation_noise(self.cfg.seed, self.cluster, range(n), self.cfg.nz).to(self.device)).cpu()
+
+    def write_plots(self) -> None:
+        """``samples.png`` (grid of generated images) and ``losses.png`` (curves per epoch)."""
+        from torchvision.utils import make_grid
+
+        grid = make_grid(self.sample(self.cfg.grid_size), nrow=8, normalize=True, value_range=(-1, 1))
+        buf = io.BytesIO()
+        Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()).save(buf, format="PNG")
+        storage.write_bytes(storage.join(self.dir, "samples.png"), buf.getvalue())
+        storage.write_bytes(storage.join(self.dir, "losses.png"), plot_losses(self.losses, self.cluster))
+
+
+GanTrainer = ray.remote(GanTrainerCore)
+"""The Ray actor: ``GanTrainer.options(num_gpus=g, max_restarts=r, max_task_retries=r).remote(...)``."""
+
+
+def plot_losses(losses: list[dict], cluster: int) -> bytes:
+    """PNG bytes of the D/G loss curves and D's mean outputs per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in losses]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax1.plot(epochs, [r["loss_d"] for r in losses], marker=".", label="D loss")
+    ax1.plot(epochs, [r["loss_g"] for r in losses], marker=".", label="G loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_title(f"cluster {cluster}: losses")
+    ax1.legend()
+    ax2.plot(epochs, [r["d_real"] for r in losses], marker=".", label="D(x)")
+    ax2.plot(epochs, [r["d_fake"] for r in losses], marker=".", label="D(G(z))")
+    ax2.set_ylim(0, 1)
+    ax2.set_xlabel("epoch")
+    ax2.set_title("discriminator outputs")
+    ax2.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def actor_resources(cfg: GanConfig, num_clusters: int) -> tuple[float, float]:
+    """(num_cpus, num_gpus) per actor so that all ``num_clusters`` actors fit on the cluster at once.
+
+    GPUs are only requested when ``ray.cluster_resources()`` has them (asking for a GPU on a CPU-only
+    cluster would hang); with fewer GPUs than clusters the actors share them fractionally.
+    """
+    res = ray.cluster_resources()
+    gpus, cpus = float(res.get("GPU", 0)), float(res.get("CPU", 1))
+    if cfg.num_gpus is not None:
+        num_gpus = float(cfg.num_gpus)
+        if num_gpus > 0 and gpus == 0:
+            raise GanError(f"num_gpus={num_gpus} per GAN actor, but the Ray cluster has no GPUs")
+    else:
+        num_gpus = 0.0 if gpus == 0 else min(1.0, math.floor(gpus / num_clusters * 1e4) / 1e4)
+    if cfg.num_cpus is not None:
+        num_cpus = float(cfg.num_cpus)
+    else:
+        num_cpus = max(0.01, min(8.0, math.floor(cpus / num_clusters * 100) / 100))
+    return num_cpus, num_gpus
+
+
+def make_trainer(cluster: int, paths: list[str], gan_dir: str, cfg: GanConfig, num_clusters: int = 1):
+    """Start the restartable ``GanTrainer`` actor of one cluster (returns the actor handle)."""
+    num_cpus, num_gpus = actor_resources(cfg, num_clusters)
+    retries = cfg.max_restarts if cfg.max_restarts >= 0 else -1
+    return GanTrainer.options(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        max_restarts=cfg.max_restarts,
+        max_task_retries=retries,
+    ).remote(cluster, paths, str(gan_dir), cfg, max(1, int(num_cpus)))
+
+
+def _epochs_done(gan_dir: str, cluster: int) -> int:
+    uri = storage.join(gan_dir, f"c{cluster}", "losses.json")
+    try:
+        return len(storage.read_json(uri))
+    except (storage.StorageError, json.JSONDecodeError):
+        return 0
+
+
+def _error_line(e: Exception) -> str:
+    """The original error of a failed actor call (Ray wraps it with the remote traceback)."""
+    return str(getattr(e, "cause", None) or e).strip().splitlines()[-1]
+
+
+def train_gans(
+    assignments: str | os.PathLike | pa.Table, gan_dir: str | os.PathLike, cfg: GanConfig | None = None,
+    progress: bool = True,
+) -> dict[int, dict]:
+    """Train one DCGAN per cluster, all clusters at once as Ray actors; returns results per cluster id.
+
+    ``assignments`` is the clustering stage's table (or its URI / ``k{K}`` folder). Reruns resume from
+    the checkpoints under ``gan_dir``. When some clusters fail (divergence, bad data), the others still
+    finish and a :class:`GanError` lists the failures afterwards.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = cfg or GanConfig()
+    gan_dir = str(gan_dir)
+    per_cluster = cluster_paths(load_assignments(assignments))
+    storage.makedirs(gan_dir)
+    if not ray.is_initialized():
+        ray.init()
+    k = len(per_cluster)
+    actors = {c: make_trainer(c, paths, gan_dir, cfg, k) for c, paths in per_cluster.items()}
+    results: dict[int, dict] = {}
+    failures: dict[int, str] = {}
+    # Wait until every actor has loaded its images and checkpoint, then start all trainings together:
+    # a bad cluster fails fast, and the K trainings really overlap instead of trailing actor start-up.
+    bar = tqdm(total=k * cfg.epochs, desc=f"DCGAN x{k}", unit="epoch", disable=not progress)
+    try:
+        ready = {actors[c].progress.remote(): c for c in actors}
+        for ref, c in ready.items():
+            try:
+                ray.get(ref)
+            except Exception as e:
+                failures[c] = _error_line(e)
+        refs = {actors[c].train.remote(cfg.epochs): c for c in actors if c not in failures}
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=2.0)
+            for ref in done:
+                c = refs[ref]
+                try:
+                    results[c] = ray.get(ref)
+                except Exception as e:  # keep the other clusters going; report all failures at the end
+                    failures[c] = _error_line(e)
+            bar.n = sum(
+                results[c]["epochs"] if c in results else _epochs_done(gan_dir, c) for c in per_cluster
+            )
+            bar.refresh()
+    finally:
+        bar.close()
+        for actor in actors.values():
+            ray.kill(actor)
+    summary = {
+        "config": asdict(cfg),
+        "clusters": {str(c): r for c, r in sorted(results.items())},
+        "failures": {str(c): m for c, m in failures.items()},
+    }
+    storage.write_json(storage.join(gan_dir, "gan.json"), summary)
+    if failures:
+        lines = "\n".join(f"  cluster {c}: {m}" for c, m in sorted(failures.items()))
+        raise GanError(f"{len(failures)} of {k} cluster GAN(s) failed (finished: {sorted(results)}):\n{lines}")
+    return dict(sorted(results.items()))
+
+
+# ---------------------------------------------------------------------------------------- generation
+
+
+def split_count(count: int, sizes: dict[int, int], split: str = "proportional") -> dict[int, int]:
+    """Share ``count`` images among clusters, proportional to ``sizes`` or equally.
+
+    Uses the Sainte-Lague/Webster divisor method: as close to proportional as whole numbers allow,
+    and house-monotone (no cluster gets fewer images when the total grows), which keeps the images
+    of a smaller count a prefix of those of a larger one.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if count <= 0:
+        raise ValueError(f"the number of images to generate must be positive, got {count}")
+    weights = {c: (float(s) if split == "proportional" else 1.0) for c, s in sorted(sizes.items())}
+    if not any(w > 0 for w in weights.values()):
+        raise ValueError(f"cannot split {count} images over clusters of sizes {sizes}")
+    seats = dict.fromkeys(weights, 0)
+    heap = [(-w, c) for c, w in weights.items() if w > 0]
+    heapq.heapify(heap)
+    for _ in range(count):
+        _, c = heapq.heappop(heap)
+        seats[c] += 1
+        heapq.heappush(heap, (-weights[c] / (2 * seats[c] + 1), c))
+    return seats
+
+
+def find_checkpoints(gan_dir: str) -> dict[int, str]:
+    """Cluster id -> checkpoint URI for every ``c{c}/ckpt.pt`` under ``gan_dir``."""
+    found = {}
+    for name in storage.listdir(gan_dir):
+        m = re.fullmatch(r"c(\d+)", name)
+        if m and storage.exists(checkpoint_uri(gan_dir, int(m.group(1)))):
+            found[int(m.group(1))] = checkpoint_uri(gan_dir, int(m.group(1)))
+    if not found:
+        raise GanCheckpointError(f"no DCGAN checkpoints (c{{c}}/ckpt.pt) under {gan_dir}; run `slsr gan train` first")
+    return dict(sorted(found.items()))
+
+
+def _generate_cluster(
+    ckpt_uri: str, cluster: int, count: int, out_dir: str, seed: int, image_size: tuple[int, int],
+    batch_size: int, quality: int,
+) -> list[str]:
+    """Write images 0..count-1 of one cluster (skipping files already there); returns their URIs."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ckpt = load_checkpoint(ckpt_uri, device)
+    arch = DCGANArch(**ckpt["arch"])
+    G, _ = build_dcgan(arch)
+    G.load_state_dict(ckpt["G"])
+    G.to(device).eval()  # eval: BatchNorm running stats, so an image does not depend on its batch mates
+    img_dir = storage.join(out_dir, "images", f"c{cluster}")
+    existing = set(storage.listdir(img_dir))
+    names = [f"{i:06d}.jpg" for i in range(count)]
+    h, w = image_size
+
+    def write(i: int, arr: np.ndarray) -> None:
+        img = Image.fromarray(arr)
+        if img.size != (w, h):
+            img = img.resize((w, h), Image.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=quality)
+        storage.write_bytes(storage.join(img_dir, names[i]), buf.getvalue())
+
+    with ThreadPoolExecutor(8) as pool:
+        for start in range(0, count, batch_size):
+            todo = [i for i in range(start, min(start + batch_size, count)) if names[i] not in existing]
+            if not todo:
+                continue
+            # Always run full, aligned batches: image i is then computed bit-identically whatever `count` is.
+            z = generation_noise(seed, cluster, range(start, start + batch_size), arch.nz).to(device)
+            with torch.no_grad():
+                imgs = G(z).add_(1).mul_(127.5).round_().clamp_(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
+            list(pool.map(write, todo, [imgs[i - start] for i in todo]))
+    return [storage.join(img_dir, n) for n in names]
+
+
+_generate_cluster_task = ray.remote(_generate_cluster)
+
+
+def _checkpoint_meta(uri: str) -> dict:
+    """What generation needs from a checkpoint without building the model: size, epoch, content digest."""
+    data = storage.read_bytes(uri)
+    ckpt = load_checkpoint(uri, data=data)
+    return {"num_images": int(ckpt["num_images"]), "epoch": int(ckpt["epoch"]),
+            "sha256": hashlib.sha256(data).hexdigest()[:16]}
+
+
+def generate_images(
+    gan_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    count: int,
+    split: str = "proportional",
+    seed: int = 0,
+    image_size: tuple[int, int] = (128, 64),
+    batch_size: int = 64,
+    quality: int = 95,
+    use_ray: bool | None = None,
+    progress: bool = True,
+) -> str:
+    """Generate ``count`` images from the per-cluster DCGANs under ``gan_dir``; returns the manifest URI.
+
+    The count is split across clusters proportionally to their training-set size (``"equal"``: the
+    same number each). Image i of cluster c depends only on (seed, c, i) and the checkpoint, so the
+    same seed gives the same images and a smaller count gives a prefix of a larger one. Files already
+    in ``out_dir`` are skipped (resumable); ``out_dir`` refuses images from other checkpoints or seeds.
+    ``image_size`` is the (height, width) of the files: the square GAN output is resized to the re-id
+    shape. With ``use_ray`` (default: when Ray is initialised) clusters are generated as parallel Ray
+    tasks, on a GPU each when the cluster has them.
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(count, (int, np.integer)) or count <= 0:
+        raise ValueError(f"count (images to generate) must be a positive integer, got {count!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    h, w = (int(image_size[0]), int(image_size[1]))
+    if h < 1 or w < 1:
+        raise ValueError(f"image_size must be (height, width) > 0, got {image_size}")
+    gan_dir, out_dir = str(gan_dir), str(out_dir)
+    ckpts = find_checkpoints(gan_dir)
+    meta = {c: _checkpoint_meta(u) for c, u in ckpts.items()}
+    counts = split_count(int(count), {c: m["num_images"] for c, m in meta.items()}, split)
+
+    # Guard resumption: images already in out_dir must come from the same checkpoints and settings.
+    identity = {
+        "seed": int(seed),
+        "batch_size": int(batch_size),
+        "image_size": [h, w],
+        "quality": int(quality),
+        "checkpoints": {
+            str(c): {"uri": u, "sha256": meta[c]["sha256"], "epoch": meta[c]["epoch"]} for c, u in ckpts.items()
+        },
+    }
+    gen_json = storage.join(out_dir, "generation.json")
+    if storage.exists(gen_json):
+        previous = storage.read_json(gen_json)
+        previous.pop("counts", None)
+        if previous != identity:
+            raise GanError(
+                f"{out_dir} already holds images from other checkpoints or settings ({gen_json}); "
+                "use a new output folder, or remove it to regenerate"
+            )
+    storage.write_json(gen_json, {**identity, "counts": {str(c): n for c, n in counts.items()}})
+
+    jobs = {c: (ckpts[c], c, n, out_dir, int(seed), (h, w), int(batch_size), int(quality)) for c, n in counts.items() if n}
+    if use_ray is None:
+        use_ray = ray.is_initialized()
+    bar = tqdm(total=len(jobs), desc=f"generating {count} images", unit="cluster", disable=not progress)
+    paths: dict[int, list[str]] = {}
+    if use_ray:
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        task = _generate_cluster_task.options(num_gpus=1 if gpus >= 1 else 0, num_cpus=1)
+        refs = {task.remote(*args): c for c, args in jobs.items()}
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            paths[refs[done[0]]] = ray.get(done[0])
+            bar.update()
+    else:
+        for c, args in jobs.items():
+            paths[c] = _generate_cluster(*args)
+            bar.update()
+    bar.close()
+
+    rows_path, rows_cluster, rows_gen = [], [], []
+    for c in sorted(paths):
+        rows_path += paths[c]
+        rows_cluster += [c] * len(paths[c])
+        rows_gen += [ckpts[c]] * len(paths[c])
+    n = len(rows_path)
+    table = pa.table(
+        {
+            "path": pa.array(rows_path, pa.string()),
+            "pid": pa.array(np.full(n, -1, np.int64)),
+            "camid": pa.array(np.full(n, -1, np.int64)),
+            "source": pa.array(["generated"] * n, pa.string()),
+            "cluster": pa.array(rows_cluster, pa.int64()),
+            "generator": pa.array(rows_gen, pa.string()),
+        },
+        schema=GENERATED_SCHEMA,
+    )
+    manifest = storage.join(out_dir, "manifest.parquet")
+    storage.write_table(manifest, table)
+    return manifest
