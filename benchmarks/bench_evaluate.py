@@ -17,9 +17,7 @@ process's peak RSS (VmHWM) over its RSS just before the call (torch allocations 
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import multiprocessing as mp
 import os
 import pathlib
@@ -29,6 +27,7 @@ import time
 import warnings
 
 import numpy as np
+from common import chosen_size, report, size_parser
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -229,32 +228,17 @@ def run(size: str = "small", max_ref_queries: int | None = None) -> list[dict]:
     return rows
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("size", nargs="?", default="small", choices=list(SIZES))
+    parser = size_parser(__doc__, SIZES)
     parser.add_argument("--max-ref-queries", type=int, default=None,
                         help="time torchreid's Python evaluator on this many queries and extrapolate")
     args = parser.parse_args(argv)
-    rows = run(args.size, args.max_ref_queries)
+    size = chosen_size(args)
     cols = ["name", "ours_s", "peer", "peer_s", "ratio", "peak_mem_mb", "peer_peak_mem_mb",
             "max_abs_diff_cmc", "abs_diff_mAP", "mAP_diff_points", "max_abs_diff_dist"]
-    print(" | ".join(cols))
-    for r in rows:
-        print(" | ".join(_fmt(r.get(c, "")) for c in cols))
-        if r.get("note"):
-            print(f"    note: {r['note']}")
-    out_dir = ROOT / "benchmarks" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / ("evaluate.json" if args.size == "small" else f"evaluate_{args.size}.json")
-    path.write_text(json.dumps({"size": args.size, "rows": rows}, indent=2))
-    print(f"wrote {path}")
-    return rows
+    return report("evaluate", size, run(size, args.max_ref_queries), cols)
 
 
 if __name__ == "__main__":

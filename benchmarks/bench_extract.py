@@ -21,15 +21,12 @@ Sizes: ``small`` resnet18 at 128x64, 800 images; ``market`` resnet50 at 256x128,
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
+from common import chosen_size, report, size_parser
 
 SIZES = {
     "small": {"backbone": "resnet18", "height": 128, "width": 64, "images": 800, "batch": 64},
@@ -141,33 +138,17 @@ def run(size: str = "small") -> list[dict]:
                          "throughput_ratio": ours_rate_marginal / peer_rate_marginal if measurable else None,
                          "ours_startup_s": ours_full - n / ours_rate_marginal if measurable else None,
                          "note": "" if measurable else "t(N) <= t(N/4): machine load swamped the measurement"})
-    load = os.getloadavg()[0]  # the machine may be shared: record how busy it was
-    return [{**r, "load_avg_1m": load} for r in rows]
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", default="small", choices=sorted(SIZES))
-    args = p.parse_args(argv)
-    rows = run(args.size)
-    cols = ["name", "ours_s", "peer_s", "ratio", "ours_img_s", "peer_img_s", "throughput_ratio", "max_abs_diff"]
-    print(" | ".join(cols))
-    for r in rows:
-        print(" | ".join(_fmt(r.get(c, "")) for c in cols))
-    out_dir = Path(__file__).resolve().parent / "results"
-    out_dir.mkdir(exist_ok=True)
-    path = out_dir / ("extract.json" if args.size == "small" else f"extract_{args.size}.json")
-    path.write_text(json.dumps({"size": args.size, "rows": rows}, indent=2))
-    print(f"wrote {path}")
     return rows
 
 
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = size_parser(__doc__, SIZES).parse_args(argv)
+    size = chosen_size(args)
+    cols = ["name", "ours_s", "peer_s", "ratio", "ours_img_s", "peer_img_s", "throughput_ratio", "max_abs_diff"]
+    return report("extract", size, run(size), cols)
+
+
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     main()

@@ -15,13 +15,11 @@ Sizes (synthetic data in the Market-1501 layout, clusters = k-means on the image
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
+
+from common import chosen_size, report, size_parser
 
 SIZES = {
     "small": dict(num_ids=48, images_per_id=8, gan=dict(image_size=32, ngf=16, ndf=16, epochs=3, batch_size=16)),
@@ -99,22 +97,11 @@ def run(size: str = "small") -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("size", nargs="?", default="small", choices=sorted(SIZES))
-    args = p.parse_args(argv)
-    rows = run(args.size)
+    args = size_parser(__doc__, SIZES).parse_args(argv)
+    size = chosen_size(args)
     cols = ["name", "peer", "ours_s", "peer_s", "ratio", "speedup", "images", "max_abs_loss_diff", "device"]
-    print(" | ".join(cols))
-    for r in rows:
-        print(" | ".join(str(r.get(c, "")) for c in cols))
-    out_dir = Path(__file__).resolve().parent / "results"
-    out_dir.mkdir(exist_ok=True)
-    path = out_dir / ("gan.json" if args.size == "small" else f"gan_{args.size}.json")
-    path.write_text(json.dumps({"size": args.size, "rows": rows}, indent=2))
-    print(f"wrote {path}")
-    return rows
+    return report("gan", size, run(size), cols)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     main()

@@ -17,14 +17,11 @@ features. Sizes: ``small`` N = 20,000, ``market`` N = 200,000.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
+from common import chosen_size, report, size_parser
 
 SIZES = {"small": 20_000, "market": 200_000}
 DIM = 2048
@@ -126,34 +123,18 @@ def run(size: str = "small") -> list[dict]:
                      "ours_put_s": round(put_s, 3), "ours_inertia": ours_inertia, "peer": "sklearn.KMeans",
                      "peer_s": s_s, "ratio": ours_s / s_s, "peer_iters": s_it, "peer_inertia": s_inertia,
                      "inertia_rel_diff": (ours_inertia - s_inertia) / s_inertia})
-    load = os.getloadavg()[0]  # the machine may be shared: record how busy it was
-    return [{**r, "load_avg_1m": load} for r in rows]
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", default="small", choices=sorted(SIZES))
-    args = p.parse_args(argv)
-    rows = run(args.size)
-    cols = ["name", "peer", "ours_s", "peer_s", "ratio", "ours_iters", "peer_iters", "ours_inertia",
-            "peer_inertia", "inertia_rel_diff", "ours_put_s"]
-    print(" | ".join(cols))
-    for r in rows:
-        print(" | ".join(_fmt(r.get(c, "")) for c in cols))
-    out_dir = Path(__file__).resolve().parent / "results"
-    out_dir.mkdir(exist_ok=True)
-    path = out_dir / ("kmeans.json" if args.size == "small" else f"kmeans_{args.size}.json")
-    path.write_text(json.dumps({"size": args.size, "rows": rows}, indent=2))
-    print(f"wrote {path}")
     return rows
 
 
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = size_parser(__doc__, SIZES).parse_args(argv)
+    size = chosen_size(args)
+    cols = ["name", "peer", "ours_s", "peer_s", "ratio", "ours_iters", "peer_iters", "ours_inertia",
+            "peer_inertia", "inertia_rel_diff", "ours_put_s"]
+    return report("kmeans", size, run(size), cols)
+
+
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     main()

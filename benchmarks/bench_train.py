@@ -13,14 +13,13 @@ Sizes: ``small`` (CPU, resnet18 at 128x64, batch 32, synthetic data; < 2 min), `
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
+from common import chosen_size, report, size_parser
 
 SIZES = {
     "small": dict(num_ids=60, images_per_id=8, backbone="resnet18", height=128, width=64, batches=[32], epochs=3),
@@ -133,20 +132,11 @@ def run(size: str = "small") -> list[dict]:
     return rows_out
 
 
-def main() -> None:
-    size = sys.argv[1] if len(sys.argv) > 1 else "small"
-    rows = run(size)
-    print(f"{'name':<44} {'ours img/s':>11} {'peer img/s':>11} {'ratio':>6} {'ours wall':>10} {'peer wall':>10}")
-    for r in rows:
-        print(
-            f"{r['name']:<44} {r['ours_images_per_s']:>11.1f} {r['peer_images_per_s']:>11.1f} {r['ratio']:>6.2f} "
-            f"{r['ours_wall_s']:>9.1f}s {r['peer_wall_s']:>9.1f}s"
-        )
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    os.makedirs(out, exist_ok=True)
-    suffix = "" if size == "small" else f"_{size}"
-    with open(os.path.join(out, f"train{suffix}.json"), "w") as f:
-        json.dump({"size": size, "rows": rows}, f, indent=2)
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = size_parser(__doc__, SIZES).parse_args(argv)
+    size = chosen_size(args)
+    cols = ["name", "ours_images_per_s", "peer_images_per_s", "ratio", "ours_wall_s", "peer_wall_s"]
+    return report("train", size, run(size), cols)
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def scaling_curves(out_png: Path) -> dict:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| bench | case | ours (s) | peer | peer (s) | ratio (peer/ours) | notes |", "|---|---|---|---|---|---|---|"]
+    lines = ["| bench | case | ours (s) | peer | peer (s) | ratio | notes |", "|---|---|---|---|---|---|---|"]
     skip = {"bench", "name", "ours_s", "peer", "peer_s", "ratio", "bench_wall_s"}
     for r in rows:
         notes = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if k not in skip)
