@@ -139,7 +139,7 @@ def _positive_ranks(dist: torch.Tensor, q_pids: np.ndarray, q_cams: np.ndarray,
     pos_i = torch.gather(pos_i, 1, order)
 
     # Bucket of each gallery entry = number of positives with a smaller distance.
-    bucket = torch.searchsorted(pos_d, dist, right=False, out_int32=True)
+    bucket = torch.searchsorted(pos_d, dist.contiguous(), right=False, out_int32=True)
     # Exact ties of a negative with a positive: the positive goes first only if its gallery index is
     # smaller. (A bucket past the row's positives points at +inf padding or a smaller distance.)
     tie = torch.gather(pos_d, 1, bucket.clamp_max(p - 1).long()) == dist
