@@ -58,7 +58,10 @@ def run_bench(name: str, size: str) -> list[dict]:
 
 
 def scaling_curves(out_png: Path) -> dict:
-    """Time vs gallery size (evaluation) and vs N (k-means): ours only, plotted."""
+    """How our time grows: evaluation and re-ranking with gallery size, k-means with N and with the
+    number of Ray tasks (shards), extraction with the number of Ray Data actors. Plotted to one PNG."""
+    import tempfile
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,28 +69,52 @@ def scaling_curves(out_png: Path) -> dict:
     import numpy as np
 
     from slsr_ray.cluster import kmeans
-    from slsr_ray.evaluate import evaluate_rank
+    from slsr_ray.evaluate import evaluate_rank, re_ranking_features
+    from slsr_ray.raysetup import init_ray
 
     rng = np.random.default_rng(0)
-    curves: dict = {"evaluate": [], "kmeans": []}
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return round(time.perf_counter() - t0, 3)
+
+    curves: dict = {"evaluate vs gallery": [], "re-ranking vs gallery": [], "k-means vs N": [],
+                    "k-means vs Ray tasks": [], "extraction vs actors": []}
     for g in (2_000, 5_000, 10_000, 20_000):
         q = 1_000
         dist = rng.random((q, g), dtype=np.float32)
-        qp, gp = rng.integers(0, 500, q), rng.integers(0, 500, g)
-        qc, gc = rng.integers(0, 6, q), rng.integers(0, 6, g)
-        t0 = time.perf_counter()
-        evaluate_rank(dist, qp, gp, qc, gc)
-        curves["evaluate"].append((g, time.perf_counter() - t0))
+        qp, gp, qc, gc = rng.integers(0, 500, q), rng.integers(0, 500, g), rng.integers(0, 6, q), rng.integers(0, 6, g)
+        curves["evaluate vs gallery"].append((g, timed(lambda: evaluate_rank(dist, qp, gp, qc, gc))))  # noqa: B023
+    for g in (1_000, 2_000, 4_000):
+        qf, gf = rng.standard_normal((250, 128)).astype(np.float32), rng.standard_normal((g, 128)).astype(np.float32)
+        curves["re-ranking vs gallery"].append((g, timed(lambda: re_ranking_features(qf, gf))))  # noqa: B023
+    init_ray()
     for n in (5_000, 10_000, 20_000, 40_000):
         X = rng.standard_normal((n, 256)).astype(np.float32)
-        t0 = time.perf_counter()
-        kmeans(X, 8, n_init=1, max_iter=20, seed=0)
-        curves["kmeans"].append((n, time.perf_counter() - t0))
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, (name, pts), xl in zip(axes, curves.items(), ("gallery size (1,000 queries)", "N (d=256, K=8)"), strict=True):
+        curves["k-means vs N"].append((n, timed(lambda: kmeans(X, 8, n_init=1, max_iter=20, seed=0))))  # noqa: B023
+    X = rng.standard_normal((40_000, 256)).astype(np.float32)
+    for shards in (1, 2, 4):
+        curves["k-means vs Ray tasks"].append(
+            (shards, timed(lambda: kmeans(X, 8, n_init=1, max_iter=20, seed=0, num_shards=shards)))  # noqa: B023
+        )
+    from slsr_ray.data import load_dataset, make_synthetic
+    from slsr_ray.extract import ExtractConfig, extract_features
+    from slsr_ray.models import ModelConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        make_synthetic(tmp + "/data", num_ids=60, cams=4, images_per_id=10, seed=0)
+        train = load_dataset("market1501", tmp + "/data").train
+        model = ModelConfig(backbone="resnet18", num_classes=30)
+        for actors in (1, 2):
+            cfg = ExtractConfig(batch_size=32, num_actors=actors, height=128, width=64, decode_cpus=0.25)
+            curves["extraction vs actors"].append(
+                (actors, timed(lambda: extract_features(train, model, f"{tmp}/f{actors}", cfg)))  # noqa: B023
+            )
+    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.3))
+    for ax, (name, pts) in zip(axes, curves.items(), strict=True):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
-        ax.set_title(name)
-        ax.set_xlabel(xl)
+        ax.set_title(name, fontsize=10)
         ax.set_ylabel("seconds")
         ax.grid(alpha=0.3)
     fig.savefig(out_png, dpi=100, bbox_inches="tight")
