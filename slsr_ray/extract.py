@@ -300,7 +300,7 @@ def extract_features(manifest: str | pa.Table, checkpoint, output_dir: str, cfg:
             raise ExtractError(f"checkpoint {ckpt_uri} does not exist")
     else:
         raise ExtractError(f"checkpoint must be a URI or a ModelConfig, got {type(checkpoint).__name__}")
-    output_dir = str(output_dir)
+    output_dir = storage.absolute(output_dir)
     storage.makedirs(output_dir)
     _clear_output(output_dir)  # only once every input is known to be good
 

@@ -545,7 +545,7 @@ def train_gans(
     from tqdm.auto import tqdm
 
     cfg = cfg or GanConfig()
-    gan_dir = str(gan_dir)
+    gan_dir = storage.absolute(gan_dir)
     per_cluster = cluster_paths(load_assignments(assignments))
     storage.makedirs(gan_dir)
     if not ray.is_initialized():
@@ -712,7 +712,7 @@ def generate_images(
     h, w = (int(image_size[0]), int(image_size[1]))
     if h < 1 or w < 1:
         raise ValueError(f"image_size must be (height, width) > 0, got {image_size}")
-    gan_dir, out_dir = str(gan_dir), str(out_dir)
+    gan_dir, out_dir = storage.absolute(gan_dir), storage.absolute(out_dir)
     ckpts = find_checkpoints(gan_dir)
     meta = {c: _checkpoint_meta(u) for c, u in ckpts.items()}
     counts = split_count(int(count), {c: m["num_images"] for c, m in meta.items()}, split)

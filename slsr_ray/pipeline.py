@@ -127,6 +127,10 @@ class PipelineConfig:
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
 
     def __post_init__(self):
+        # Local paths become absolute: Ray workers (and job drivers) run in other working directories.
+        self.run_root = storage.absolute(self.run_root)
+        self.data.root = storage.absolute(self.data.root)
+        self.data.manifests = storage.absolute(self.data.manifests)
         if self.train_init not in ("imagenet", "pretrain"):
             raise ValueError(f"train_init must be 'imagenet' or 'pretrain', got {self.train_init!r}")
 

@@ -42,6 +42,14 @@ def join(root: str | os.PathLike, *parts: str) -> str:
     return os.path.join(root, *parts)
 
 
+def absolute(uri: str | os.PathLike | None) -> str | None:
+    """``uri`` with a local path made absolute (Ray workers run in other working directories)."""
+    if uri is None:
+        return None
+    uri = str(uri)
+    return uri if is_s3(uri) else os.path.abspath(uri)
+
+
 def _s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 

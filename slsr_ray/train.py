@@ -517,7 +517,7 @@ def run_training(
     from ray.train.torch import TorchTrainer
 
     t0 = time.perf_counter()
-    output_dir = str(output_dir)
+    output_dir = storage.absolute(output_dir)
     storage.check_writable(output_dir)
     rows, strategy = prepare_rows(cfg, train_manifest, generated_manifest, membership)
     model_cfg = ModelConfig.from_dict({**asdict(cfg.model), "num_classes": strategy.num_outputs()})

@@ -99,3 +99,18 @@ def test_status_of_an_empty_run_root(tmp_path):
     res = runner.invoke(app, ["status", str(tmp_path)])
     assert res.exit_code == 0
     assert "pending" in res.output and "prepare" in res.output
+
+
+def test_relative_paths_become_absolute(tmp_path, monkeypatch, synthetic_root):
+    """Ray workers run in another working directory: a relative run root or dataset root must not
+    end up in manifests (the README's `make demo` uses runs/demo)."""
+    from slsr_ray.data import load_dataset
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("synthetic", ["data.root=data/x"], run_root="runs/demo")
+    assert cfg.run_root == str(tmp_path / "runs" / "demo")
+    assert cfg.data.root == str(tmp_path / "data" / "x")
+    assert load_config("synthetic", run_root="s3://bucket/run").run_root == "s3://bucket/run"
+    monkeypatch.chdir(os.path.dirname(synthetic_root))
+    ds = load_dataset("market1501", os.path.basename(synthetic_root))
+    assert all(os.path.isabs(p) for p in ds.train["path"].to_pylist())

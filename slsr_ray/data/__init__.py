@@ -36,7 +36,8 @@ def load_dataset(
     file names and leaves decoding errors to the stage that reads the image.
     """
     name = name.lower().replace("-", "").replace("_", "")
-    root = os.fspath(root)
+    # absolute: manifests are read by Ray workers whose working directory is not the caller's
+    root = os.path.abspath(os.fspath(root))
     if name == "synthetic":
         if not os.path.isdir(os.path.join(root, "bounding_box_train")):
             make_synthetic(root, **kwargs)
