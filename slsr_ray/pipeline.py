@@ -189,6 +189,7 @@ def _uri(cfg: PipelineConfig, *parts: str) -> str:
 def stage_prepare(cfg: PipelineConfig) -> dict:
     """Write ``prepare/{train,query,gallery}.parquet`` (building the synthetic dataset if asked)."""
     from .data import check_unique_paths, load_dataset, make_synthetic, to_manifest
+    from .data.manifests import upload_dataset
 
     d = cfg.data
     out = {}
@@ -208,7 +209,7 @@ def stage_prepare(cfg: PipelineConfig) -> dict:
                 )
             ds = load_dataset("market1501", root)
             if s3_run:  # every node must read the images: put them next to the run's artifacts
-                ds = _upload_dataset(ds, root, _uri(cfg, "data"))
+                ds = upload_dataset(ds, _uri(cfg, "data"))
         else:
             if root is None:
                 raise ConfigError(f"data.root is required for dataset {d.dataset!r} (or give data.manifests)")
@@ -228,23 +229,6 @@ def stage_prepare(cfg: PipelineConfig) -> dict:
         storage.write_table(uri, table)
         out[split] = uri
     return out
-
-
-def _upload_dataset(ds, local_root: str, dest: str):
-    """Copy a local dataset tree to ``dest`` (S3) and point the manifests at the copies."""
-    import pyarrow.compute as pc
-    import pyarrow.fs as pafs
-
-    fs, path = storage.filesystem(dest)
-    pafs.copy_files(local_root, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    prefix = os.path.abspath(local_root)
-
-    def rebase(t: pa.Table) -> pa.Table:
-        new = pc.replace_substring(t["path"], prefix, dest.rstrip("/"))
-        return t.set_column(t.schema.get_field_index("path"), "path", new)
-
-    ds.train, ds.query, ds.gallery = rebase(ds.train), rebase(ds.query), rebase(ds.gallery)
-    return ds
 
 
 def stage_pretrain(cfg: PipelineConfig) -> dict:

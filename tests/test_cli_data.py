@@ -62,3 +62,24 @@ def test_summary_of_a_folder_dataset(tmp_path):
     lines = result.stdout.splitlines()
     assert lines[2].split() == ["train", "1", "2", "2"]
     assert lines[4].split() == ["gallery", "1", "2", "2"]
+
+
+def test_manifest_upload_to_s3_then_prepare_reads_it(synthetic_root, s3_bucket, tmp_path):
+    """`slsr data manifest --upload-images s3://...` is how a cluster job gets a dataset: the
+    manifests point at the S3 copies and the prepare stage of a run reads them as they are."""
+    from slsr_ray import storage
+    from slsr_ray.data import read_image
+    from slsr_ray.pipeline import load_config, stage_prepare
+
+    out = f"{s3_bucket}/datasets/syn/manifests"
+    res = runner.invoke(app, ["data", "manifest", "-d", "market1501", "-r", synthetic_root, "-o", out,
+                              "--upload-images", f"{s3_bucket}/datasets/syn"])
+    assert res.exit_code == 0, res.output
+    train = storage.read_table(f"{out}/train.parquet")
+    assert train.num_rows > 0 and all(p.startswith(f"{s3_bucket}/datasets/syn/") for p in train["path"].to_pylist())
+    assert read_image(train["path"][0].as_py()).mode == "RGB"
+    cfg = load_config("market1501", [f"data.manifests={out}"], run_root=str(tmp_path / "run"))
+    uris = stage_prepare(cfg)
+    assert storage.read_table(uris["train"])["path"].equals(train["path"])
+    res = runner.invoke(app, ["data", "manifest", "-d", "market1501", "-r", str(tmp_path / "nope"), "-o", out])
+    assert res.exit_code == 2 and "does not exist" in res.output

@@ -46,5 +46,32 @@ def summary(
     typer.echo(ds.summary())
 
 
+@data_app.command("manifest")
+def manifest(
+    dataset: str = typer.Option(..., "--dataset", "-d", help="dataset name (see `slsr data summary`)"),
+    root: str = typer.Option(..., "--root", "-r", help="local dataset root folder"),
+    output: str = typer.Option(..., "--output", "-o", help="folder or s3:// URI for train/query/gallery.parquet"),
+    upload_images: str = typer.Option(None, "--upload-images", help="copy the images here (e.g. s3://...) first"),
+    split_id: int = typer.Option(0, help="protocol split for viper / cuhk03"),
+) -> None:
+    """Write a dataset's manifests (optionally uploading its images) for `data.manifests=` runs."""
+    from .. import storage
+    from ..data import DatasetError, load_dataset
+    from ..data.manifests import upload_dataset, write_manifests
+
+    try:
+        kwargs = {"split_id": split_id} if dataset in ("viper", "cuhk03") else {}
+        ds = load_dataset(dataset, root, **kwargs)
+        if upload_images:
+            ds = upload_dataset(ds, upload_images)
+        uris = write_manifests(ds, output)
+    except (DatasetError, storage.StorageError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    typer.echo(ds.summary())
+    for split, uri in uris.items():
+        typer.echo(f"{split}: {uri}")
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(data_app, name="data")
