@@ -62,7 +62,7 @@ class ExtractConfig:
     ``feature``: ``pool`` (the pooled backbone feature the paper clusters) or ``bottleneck``.
     ``height`` / ``width``: input size (the test transform resizes to it).
     ``decode``: ``tasks`` (a separate decode stage), ``actor`` (decode in the model actors) or
-    ``auto`` (= ``tasks``).
+    ``auto`` (``tasks`` on GPU clusters, ``actor`` on CPU clusters, where it measured faster).
     ``decode_concurrency``: max parallel decode tasks (None: Ray decides).
     ``decode_cpus``: CPUs per decode task. Ray Data fuses a decode stage into the actors when both ask
     for the same resources, so on CPU clusters keep it different from ``cpus_per_actor``.
@@ -237,18 +237,20 @@ def _resources(cfg: ExtractConfig) -> tuple[int, float, str]:
     num_gpus = cfg.num_gpus if cfg.num_gpus is not None else (1.0 if gpus >= 1 else 0.0)
     if num_gpus > 0 and gpus == 0:
         raise ExtractError(f"num_gpus={num_gpus} per actor but the Ray cluster has no GPUs (it would wait forever)")
+    # auto: on GPUs a separate CPU decode stage keeps the GPU fed; on CPU clusters decoding inside the
+    # model actors is faster (measured: 0.87x vs 0.42x a plain DataLoader on 2 idle cores)
+    decode = cfg.decode if cfg.decode != "auto" else ("tasks" if num_gpus > 0 else "actor")
     if num_gpus > 0:
         num_actors = cfg.num_actors or max(1, int(gpus // num_gpus))
         if num_actors * num_gpus > gpus:
             raise ExtractError(f"{num_actors} actors x {num_gpus} GPUs exceed the cluster's {gpus:g} GPUs")
     else:
-        decode_reserve = max(1.0, cpus // 4) if cfg.decode != "actor" else 0.0
+        decode_reserve = max(1.0, cpus // 4) if decode == "tasks" else 0.0
         num_actors = cfg.num_actors or max(1, int((cpus - decode_reserve) // cfg.cpus_per_actor))
     if num_actors * cfg.cpus_per_actor > cpus:
         raise ExtractError(
             f"{num_actors} actors x {cfg.cpus_per_actor:g} CPUs exceed the cluster's {cpus:g} CPUs (it would wait forever)"
         )
-    decode = "actor" if cfg.decode == "actor" else "tasks"
     fused = num_gpus == 0 and cfg.decode_cpus == cfg.cpus_per_actor  # Ray Data runs the decode in the actors
     if decode == "tasks" and not fused and num_actors * cfg.cpus_per_actor >= cpus:
         # Decode tasks need a free CPU next to the actors; keep one.

@@ -39,7 +39,9 @@ def test_extract_from_checkpoint_one_row_per_image_ids_intact(ray_session, synth
     ckpt = str(tmp_path / "model.pt")
     save_checkpoint(ckpt, model, cfg)
     manifest = synthetic_dataset.train
-    out = extract_features(manifest, ckpt, str(tmp_path / "features"), ExtractConfig(**SMALL))
+    # a separate decode stage (what "auto" picks on GPU clusters); "auto" on CPUs is tested below
+    cfg = ExtractConfig(decode="tasks", cpus_per_actor=0.5, decode_cpus=0.25, **SMALL)
+    out = extract_features(manifest, ckpt, str(tmp_path / "features"), cfg)
 
     assert is_complete(out)
     meta = storage.read_json(os.path.join(out, "meta.json"))
@@ -62,7 +64,7 @@ def test_extract_random_init_to_s3_two_actors_share_weights(ray_session, synthet
     manifest_uri = f"{s3_bucket}/manifest/train.parquet"
     storage.write_table(manifest_uri, synthetic_dataset.train)
     out = f"{s3_bucket}/run/features"
-    cfg = ExtractConfig(feature="bottleneck", num_actors=2, decode="actor", **SMALL)
+    cfg = ExtractConfig(feature="bottleneck", num_actors=2, **SMALL)  # auto on a CPU cluster: decode in actors
     model_cfg = ModelConfig(num_classes=12, backbone="resnet18")
     torch.manual_seed(1)
     extract_features(manifest_uri, model_cfg, out, cfg)
