@@ -107,6 +107,13 @@ def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
     return obj
 
 
+def from_known_fields(cls: type[T], data: dict) -> T:
+    """Build dataclass ``cls`` from the keys of ``data`` it knows, ignoring the rest (for reading
+    configs saved inside checkpoints and artifacts, which may come from another version)."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
 def to_dict(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}

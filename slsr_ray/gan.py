@@ -34,7 +34,7 @@ import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -44,6 +44,7 @@ import torch
 from PIL import Image
 
 from . import storage
+from .config import from_known_fields
 from .data import MANIFEST_SCHEMA, ImageReadError, read_image
 from .models.dcgan import DCGANArch, build_dcgan, sample_noise
 
@@ -110,8 +111,7 @@ class GanConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> GanConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return from_known_fields(cls, d)
 
 
 # ----------------------------------------------------------------------------------------------- seeds

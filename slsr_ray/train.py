@@ -25,7 +25,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import torch
 
 from . import storage
+from .config import from_known_fields
 from .labels import STRATEGIES, LabelStrategy, load_membership, make_strategy, slsr_loss
 from .models.reid import ModelConfig, WeightsError, build_model, load_model, save_checkpoint
 
@@ -118,8 +119,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return from_known_fields(cls, d)
 
 
 @dataclass

@@ -40,13 +40,14 @@ from __future__ import annotations
 import io
 import logging
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import storage
+from ..config import from_known_fields
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return from_known_fields(cls, d)
 
 
 class NoiseAdaptation(nn.Module):
