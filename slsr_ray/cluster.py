@@ -44,7 +44,7 @@ INIT_SAMPLE_SIZE = 10_000
 # Rows per faiss search / partial-sum chunk inside a shard task: bounds the task's scratch memory.
 _CHUNK_ROWS = 16_384
 
-MEMBERSHIP_RULES = ("any", "min_share")
+MEMBERSHIP_RULES = ("majority", "any", "min_share")
 
 
 class ClusteringError(ValueError):
@@ -575,16 +575,22 @@ def choose_k(
     return ChooseKResult(rows, best, results)
 
 
-def cluster_membership(pids, labels, rule: str = "any", min_share: float = 0.2,
+def cluster_membership(pids, labels, rule: str = "majority", min_share: float = 0.2,
                        k: int | None = None) -> dict[int, list[int]]:
     """The identity set S_c of every cluster c: ``{c: sorted pids}``.
 
-    ``rule="any"``: S_c = identities with at least one image in c (what the authors' code does).
-    ``rule="min_share"``: S_c = identities with at least ``min_share`` of their images in c. Two
-    fallbacks keep the sparse labels well defined: an identity that reaches ``min_share`` nowhere joins
-    its majority cluster (ties: lowest cluster id), so every identity is in at least one S_c; a cluster
-    with images but no identity left gets the identities with the largest share of their images in it.
+    ``rule="majority"`` (the paper, the default): the clusters partition the identities; each identity
+    belongs to the cluster holding most of its images (ties: the lowest cluster id). The paper's K=3
+    Market-1501 example ("a relative value of 0.004" = 1/250 with 751 ids) only works this way.
+    ``rule="any"``: S_c = identities with at least one image in c; most identities then land in every
+    cluster and SLSR degenerates to LSRO. ``rule="min_share"``: S_c = identities with at least
+    ``min_share`` of their images in c. For ``min_share`` two fallbacks keep the sparse labels well
+    defined: an identity that reaches ``min_share`` nowhere joins its majority cluster, and a cluster with
+    images but no identity left gets the identities with the largest share of their images in it.
     Clusters 0..k-1 are all present (k defaults to max label + 1); a cluster with no images maps to [].
+    With ``majority`` a cluster with images may hold no identity's majority: it gets the identities with
+    the largest share of their images in it too (they then belong to two clusters), so that generated
+    images of every cluster have a label distribution.
     """
     pids = np.asarray(pids)
     labels = np.asarray(labels, dtype=np.int64)
@@ -600,18 +606,34 @@ def cluster_membership(pids, labels, rule: str = "any", min_share: float = 0.2,
     uniq, pid_idx = np.unique(pids, return_inverse=True)
     counts = np.zeros((len(uniq), k), np.int64)  # images of identity i in cluster c
     np.add.at(counts, (pid_idx, labels), 1)
+    share = counts / counts.sum(axis=1, keepdims=True)
     if rule == "any":
         member = counts > 0
+    elif rule == "majority":
+        member = np.zeros_like(counts, dtype=bool)
+        member[np.arange(len(uniq)), counts.argmax(axis=1)] = True  # argmax: first (lowest) id on ties
     else:
         if not 0.0 < min_share <= 1.0:
             raise ClusteringError(f"min_share must be in (0, 1], got {min_share}")
-        share = counts / counts.sum(axis=1, keepdims=True)
         member = share >= min_share - 1e-12
         orphans = ~member.any(axis=1)
         member[np.flatnonzero(orphans), share[orphans].argmax(axis=1)] = True
-        for c in np.flatnonzero((counts.sum(axis=0) > 0) & ~member.any(axis=0)):
-            member[:, c] = np.isclose(share[:, c], share[:, c].max())
+    for c in np.flatnonzero((counts.sum(axis=0) > 0) & ~member.any(axis=0)):
+        member[:, c] = np.isclose(share[:, c], share[:, c].max())
     return {c: sorted(int(p) for p in uniq[member[:, c]]) for c in range(k)}
+
+
+def membership_report(members: dict[int, list[int]], num_ids: int) -> tuple[str, float]:
+    """One log line with |S_c| per cluster, and the mean share of all identities a generated image's
+    label spreads over (1.0: every S_c holds every identity, i.e. SLSR is LSRO)."""
+    sizes = {c: len(p) for c, p in sorted(members.items())}
+    spread = float(np.mean([n / max(num_ids, 1) for n in sizes.values()])) if sizes else 0.0
+    line = "|S_c| per cluster: " + ", ".join(f"c{c}={n}" for c, n in sizes.items()) + f" of {num_ids} identities"
+    return line, spread
+
+
+# SLSR labels that spread over more than this share of the identities are close to LSRO's uniform ones
+NEAR_UNIFORM_SHARE = 0.9
 
 
 # --------------------------------------------------------------------------------------------------
@@ -661,7 +683,7 @@ def run_clustering(
     features_dir: str,
     output_dir: str,
     ks: Sequence[int] = (2, 3, 4, 5),
-    rule: str = "any",
+    rule: str = "majority",
     min_share: float = 0.2,
     n_init: int = 3,
     max_iter: int = 100,
@@ -705,10 +727,17 @@ def run_clustering(
                             assignments.take(order) if order is not None else assignments)
         storage.write_bytes(storage.join(kdir, "centroids.npy"), _npy_bytes(res.centroids.astype(np.float32)))
         members = cluster_membership(pids, res.labels, rule=rule, min_share=min_share, k=k)
+        line, spread = membership_report(members, n_ids)
+        log.info("K=%d (%s): %s", k, rule, line)
+        if spread > NEAR_UNIFORM_SHARE:
+            log.warning(
+                "K=%d: the sparse labels spread over %.0f%% of the identities on average: SLSR is close to "
+                "LSRO here (rule %r); the 'majority' rule partitions the identities", k, 100 * spread, rule,
+            )
         sizes = np.bincount(res.labels, minlength=k)
         storage.write_json(storage.join(kdir, "membership.json"), {
             "k": k, "rule": rule, "min_share": min_share if rule == "min_share" else None,
-            "silhouette": row["silhouette"],
+            "silhouette": row["silhouette"], "label_spread": spread,
             "clusters": [{"cluster": c, "size": int(sizes[c]), "pids": members[c]} for c in range(k)],
         })
     storage.write_json(storage.join(output_dir, "summary.json"), {

@@ -366,11 +366,11 @@ def label_distributions(run_root: str, image_index: int | None = None, lam: floa
         ax.set_ylim(0, max(q_slsr.max(), q_lsro.max()) * 1.1)
         ax.set_xlim(-0.5, num_classes - 0.5)
     fig.axes[1].set_ylabel("target probability q(k)")
-    caption = (f"Blue bars: identities with images in cluster {cluster} (S_{cluster}); LSRO gives every identity "
+    caption = (f"Blue bars: the identities of cluster {cluster} (S_{cluster}); LSRO gives every identity "
                f"1/{num_classes}, SLSR gives S_{cluster} 1/{len(members)} each and the rest 0.")
     if len(members) == num_classes:
         caption += (f" Here cluster {cluster} holds images of every identity, so both are the same: with few images "
-                    "per identity, the cluster.rule=min_share membership makes S_c sparser.")
+                    "per identity, the cluster.rule=majority membership partitions the identities.")
     return Figure(
         "label_distributions", "Label distribution of a generated image: LSRO vs SLSR", caption,
         _png(fig), {"path": path, "cluster": cluster, "num_classes": num_classes, "members": members,

@@ -101,12 +101,35 @@ def test_membership_rules():
     assert got == {0: [0, 3], 1: [0, 1], 2: [1, 2]}
     # min_share above every share of pid 1: it falls back to its majority cluster (tie -> lowest id)
     got = cluster_membership(pids, labels, "min_share", min_share=0.9)
-    assert got[1] == [0, 1] or 1 in got[1]
+    assert got == {0: [0, 3], 1: [1], 2: [2]}
     members = {p for c in got.values() for p in c}
     assert members == {0, 1, 2, 3}
     assert all(got[c] for c in range(3))  # no cluster with images is left without identities
     with pytest.raises(ClusteringError, match="rule"):
         cluster_membership(pids, labels, "most")
+
+
+def test_majority_rule_partitions_identities_and_is_the_default():
+    pids = np.array([0, 0, 0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3])
+    labels = np.array([0, 0, 0, 0, 1, 1, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2])
+    # pid 0 -> c0 (4 of 5), pid 1 -> c1 (tie c1/c2: lowest id), pid 2 -> c2, pid 3 -> c0 (8 of 10)
+    want = {0: [0, 3], 1: [1], 2: [2]}
+    assert cluster_membership(pids, labels, "majority") == want
+    assert cluster_membership(pids, labels) == want  # the paper's rule is the default
+    # a partition: every identity in exactly one cluster
+    assert sorted(p for c in want.values() for p in c) == [0, 1, 2, 3]
+    # a cluster with images but nobody's majority borrows the identities with the largest share in it
+    got = cluster_membership(np.array([0, 0, 0, 1, 1, 1]), np.array([0, 0, 1, 0, 0, 0]), "majority")
+    assert got == {0: [0, 1], 1: [0]}
+
+
+def test_membership_report_flags_labels_close_to_lsro():
+    from slsr_ray.cluster import NEAR_UNIFORM_SHARE, membership_report
+
+    line, spread = membership_report({0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}, 4)
+    assert "c0=4" in line and spread == 1.0 > NEAR_UNIFORM_SHARE
+    line, spread = membership_report({0: [0, 1], 1: [2, 3]}, 4)
+    assert "c1=2" in line and spread == 0.5
 
 
 def _write_features(folder: str, X: np.ndarray, pids: np.ndarray) -> None:
@@ -140,7 +163,9 @@ def test_run_clustering_writes_the_artifact(ray_session, tmp_path):
         cents = np.load(io.BytesIO(storage.read_bytes(storage.join(out, f"k{k}", "centroids.npy"))))
         assert cents.shape == (k, 32) and cents.dtype == np.float32
         mem = storage.read_json(storage.join(out, f"k{k}", "membership.json"))
-        assert set(mem) == {"k", "rule", "min_share", "silhouette", "clusters"}
+        assert set(mem) == {"k", "rule", "min_share", "silhouette", "label_spread", "clusters"}
+        sizes = [len(c["pids"]) for c in mem["clusters"]]
+        assert mem["label_spread"] == pytest.approx(np.mean(sizes) / len(np.unique(assign["pid"].to_numpy())))
         assert mem["k"] == k and mem["rule"] == "min_share" and mem["min_share"] == 0.3
         assert mem["silhouette"] == pytest.approx(sil[str(k)])
         labels = assign["cluster"].to_numpy()

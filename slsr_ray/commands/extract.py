@@ -67,7 +67,7 @@ def cluster(
     features: str = typer.Option(..., "--features", "-f", help="feature folder written by `slsr extract`"),
     output: str = typer.Option(..., "--output", "-o", help="output folder (local or s3://)"),
     k: list[int] = typer.Option([2, 3, 4, 5], "--k", help="numbers of clusters to try: --k 2 3 4 5"),
-    rule: str = typer.Option("any", help="identity membership: any (an image in the cluster) or min_share"),
+    rule: str = typer.Option("majority", help="identity membership: majority (the paper: each identity in the cluster holding most of its images), any (an image in the cluster) or min_share"),
     min_share: float = typer.Option(0.2, help="share of an identity's images for rule=min_share"),
     n_init: int = typer.Option(3, help="k-means restarts (the best inertia is kept)"),
     max_iter: int = typer.Option(100),
