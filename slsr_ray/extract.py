@@ -116,17 +116,16 @@ def _decode_batch(batch: dict, height: int, width: int) -> dict:
     return batch
 
 
-def normalise(images: np.ndarray):
+def normalise(images: np.ndarray, norm: str = "imagenet"):
     """uint8 [B, H, W, 3] -> normalised float tensor [B, 3, H, W]; equal to the test transform's
-    ``ToTensor`` + ``Normalize`` applied image by image."""
+    ``ToTensor`` + ``Normalize`` applied image by image (``norm``: the model's ``input_norm``)."""
     import torch
 
-    from .transforms import IMAGENET_MEAN, IMAGENET_STD
+    from .transforms import normalization
 
+    mean, std = normalization(norm)
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
 def features_column(features: np.ndarray) -> pa.FixedSizeListArray:
@@ -172,7 +171,8 @@ class Extractor:
         else:
             images = batch.pop("image")
         with torch.inference_mode():
-            feats = self.model.extract(normalise(images).to(self.device), feature=self.feature)
+            feats = self.model.extract(normalise(images, self.model.cfg.input_norm).to(self.device),
+                                       feature=self.feature)
         feats = feats.float().cpu().numpy()
         table = pa.table({name: pa.array(col) for name, col in batch.items() if name != "image"})
         return table.append_column("feature", features_column(feats))
@@ -339,6 +339,9 @@ def extract_features(manifest: str | pa.Table, checkpoint, output_dir: str, cfg:
     start = time.perf_counter()
     log.info("extracting %d images with %d actor(s) (%g GPU each, decode in %s) -> %s", n, num_actors, num_gpus,
              decode, output_dir)
+    # Rows land in the files in manifest order (file names sort in block order): the clustering reads
+    # them in that order, so the same seed gives the same k-means run (k-means++ draws by position).
+    ds.context.execution_options.preserve_order = True
     ds.write_parquet(fs_path, filesystem=fs, min_rows_per_file=min(cfg.rows_per_file, n))
     seconds = time.perf_counter() - start
 

@@ -26,7 +26,7 @@ from . import storage
 from .config import ConfigError, apply_overrides, config_hash, from_dict, load_yaml, to_dict
 from .extract import ExtractConfig
 from .gan import GanConfig
-from .stages import MARKER, STAGES, is_done, read_record, stage_dir, status_table, write_record
+from .stages import STAGES, begin_stage, is_done, read_record, stage_dir, status_table, write_record
 from .train import TrainConfig
 
 log = logging.getLogger("slsr_ray.pipeline")
@@ -35,6 +35,7 @@ PRESETS = ("synthetic", "market1501", "dukemtmcreid", "cuhk03", "viper", "msmt17
 GENERATED_STRATEGIES = ("lsr", "lsro", "all_in_one", "pseudo", "slsr")
 # lsr smooths real labels only: it needs no generated images (the paper's LSR baseline)
 USES_GENERATED = ("lsro", "all_in_one", "pseudo", "slsr")
+INPUT_PIPELINES = ("reid", "paper")
 
 
 @dataclass
@@ -71,12 +72,14 @@ class DataSection:
 @dataclass
 class ClusterSection:
     """K-means over the pretrained features for each K in ``ks``; ``k`` fixes K (None: the K with the
-    best silhouette). ``rule``: S_c = identities with ``any`` image in cluster c (the authors' code) or
-    with at least ``min_share`` of their images in it (``min_share``)."""
+    best silhouette). ``rule``: how identities map to clusters for the sparse labels: ``majority`` (the
+    paper: each identity in the cluster holding most of its images, so the clusters partition the
+    identities), ``any`` (every cluster holding one of its images; SLSR then nears LSRO) or
+    ``min_share`` (clusters holding at least ``min_share`` of its images)."""
 
     ks: list[int] = field(default_factory=lambda: [2, 3, 4, 5])
     k: int | None = None
-    rule: str = "any"
+    rule: str = "majority"
     min_share: float = 0.2
     n_init: int = 3
     max_iter: int = 100
@@ -111,10 +114,18 @@ class PipelineConfig:
     """Everything a run needs. ``train`` is the final training (its ``strategy`` is the method, SLSR by
     default); ``baselines`` are trained with the same settings and a different strategy for the
     comparison table; ``train_init``: ``imagenet`` fine-tunes from ``train.model.pretrained`` (the
-    paper: ImageNet weights, random init when none) and ``pretrain`` from the step-1 model."""
+    paper: ImageNet weights, random init when none) and ``pretrain`` from the step-1 model.
+    ``pretrained``: the ImageNet backbone weights (local path or ``s3://``) of *both* the step-1 model,
+    whose features are clustered, and the final model, as in the paper; it fills
+    ``pretrain.model.pretrained`` and ``train.model.pretrained`` where those are not set.
+    ``input_pipeline``: ``reid`` keeps each section's own input settings (the presets: 256x128, pad +
+    random crop, ImageNet statistics); ``paper`` sets the paper's (section 5.2) on every model stage:
+    resize to 256x256, random crop 224x224, pixels scaled to [-1, 1]."""
 
     name: str = "custom"
     run_root: str = "runs/default"
+    pretrained: str | None = None
+    input_pipeline: str = "reid"
     data: DataSection = field(default_factory=DataSection)
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, lr=0.001, strategy="none"))
     extract: ExtractConfig = field(default_factory=ExtractConfig)
@@ -133,6 +144,19 @@ class PipelineConfig:
         self.data.manifests = storage.absolute(self.data.manifests)
         if self.train_init not in ("imagenet", "pretrain"):
             raise ValueError(f"train_init must be 'imagenet' or 'pretrain', got {self.train_init!r}")
+        if self.input_pipeline not in INPUT_PIPELINES:
+            raise ValueError(f"input_pipeline must be one of {INPUT_PIPELINES}, got {self.input_pipeline!r}")
+        if self.input_pipeline == "paper":
+            for section in (self.pretrain, self.train):
+                section.height = section.width = 224
+                section.crop = "resize"  # 8/7 x 224 = 256, then a random 224 crop
+                section.model.input_norm = "symmetric"
+            self.extract.height = self.extract.width = 224
+            self.generate.height = self.generate.width = 224
+        self.pretrained = storage.absolute(self.pretrained)
+        for section in (self.pretrain, self.train):
+            if section.model.pretrained is None:
+                section.model.pretrained = self.pretrained
 
     @property
     def strategies(self) -> list[str]:
@@ -159,6 +183,19 @@ def load_config(name_or_path: str = "synthetic", overrides: list[str] | None = N
     return from_dict(PipelineConfig, raw)
 
 
+# Training settings that only matter to strategies with generated images (lambda weighs their soft
+# labels, the others pick and route them); epsilon is LSR's smoothing. A strategy's hash leaves out
+# what it does not use, so changing lambda does not retrain the real-only baseline.
+GENERATED_ONLY = ("lam", "generated_ratio", "noise_layer_on")
+
+
+def _train_settings(train: TrainConfig, strategy: str) -> dict:
+    unused = set(GENERATED_ONLY) if strategy not in USES_GENERATED else set()
+    if strategy != "lsr":
+        unused.add("epsilon")
+    return {k: v for k, v in to_dict(train).items() if k not in unused and k != "strategy"}
+
+
 def stage_hashes(cfg: PipelineConfig) -> dict[str, str]:
     """The config hash each stage's marker must hold; each chains its upstream hashes."""
     h: dict[str, str] = {}
@@ -169,7 +206,7 @@ def stage_hashes(cfg: PipelineConfig) -> dict[str, str]:
     h["gan"] = config_hash("gan", h["cluster"], cfg.gan)
     h["generate"] = config_hash("generate", h["gan"], cfg.generate)
     for s in cfg.strategies:
-        deps = [h["prepare"], cfg.train, s, cfg.train_init]
+        deps = [h["prepare"], _train_settings(cfg.train, s), s, cfg.train_init]
         if s in USES_GENERATED:
             deps.append(h["generate"])
         if cfg.train_init == "pretrain":
@@ -279,7 +316,7 @@ def stage_gan(cfg: PipelineConfig) -> dict:
 
 def stage_generate(cfg: PipelineConfig) -> dict:
     """Step 5: generated images with their cluster id (their labels come from the strategy)."""
-    from .gan import generate_images
+    from .generate import generate_images
 
     g = cfg.generate
     manifest = generate_images(
@@ -386,7 +423,11 @@ def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, until: str 
     hashes = stage_hashes(cfg)
     forced = False
     timings = {}
-    for key, fn in plan(cfg):
+    steps = plan(cfg)
+    if until is not None:  # up to and including every key of that stage (train/<each strategy>)
+        last = max((i for i, (key, _) in enumerate(steps) if _stage_family(key) == until), default=len(steps) - 1)
+        steps = steps[: last + 1]
+    for key, fn in steps:
         family = _stage_family(key)
         if from_stage is not None and family == from_stage:
             forced = True
@@ -394,16 +435,13 @@ def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, until: str 
             echo(f"[slsr] {key:<18} done (skipped)")
             timings[key] = read_record(cfg.run_root, key).seconds
             continue
-        echo(f"[slsr] {key:<18} running ...")
-        # An earlier marker must not outlive a rerun that dies half-way through rewriting the artifacts.
-        storage.remove(storage.join(cfg.run_root, key, MARKER))
+        resumed = begin_stage(cfg.run_root, key, hashes[key], force=forced)
+        echo(f"[slsr] {key:<18} {'resuming' if resumed else 'running'} ...")
         t0 = time.time()
         outputs = fn(cfg)
         rec = write_record(cfg.run_root, key, hashes[key], t0, outputs)
         timings[key] = rec.seconds
         echo(f"[slsr] {key:<18} finished in {rec.seconds:.1f}s")
-        if until is not None and family == until:
-            break
     from .report import write_report
 
     return write_report(cfg, echo=echo)

@@ -17,6 +17,10 @@ from . import storage
 
 STAGES = ("prepare", "pretrain", "extract", "cluster", "gan", "generate", "train", "evaluate")
 MARKER = "_STAGE.json"
+# written when a stage starts, with its config hash: an interrupted run of the *same* config resumes
+# from what the stage left (Ray Train checkpoints, GAN epochs, generated images); anything else in the
+# stage folder is from another config and is cleared first, so a resume never continues a changed one
+RUNNING = "_RUNNING.json"
 
 
 @dataclass
@@ -49,6 +53,28 @@ def is_done(run_root: str, stage: str, expected_hash: str) -> bool:
     return rec is not None and rec.hash == expected_hash
 
 
+def begin_stage(run_root: str, stage: str, stage_hash: str, force: bool = False) -> bool:
+    """Make ``<run_root>/<stage>/`` ready for a run with ``stage_hash``; returns True when it resumes.
+
+    The stage's partial work is kept only when an interrupted run with the same hash left it (and the
+    run is not ``force``d); otherwise the folder is emptied: Ray Train restores a finished run from its
+    storage path and the GAN actors resume from their checkpoints, so stale state there would silently
+    stand in for a changed config."""
+    folder = storage.join(run_root, stage)
+    running = storage.join(folder, RUNNING)
+    resume = False
+    if not force and storage.exists(running):
+        try:
+            resume = storage.read_json(running).get("hash") == stage_hash
+        except (ValueError, storage.StorageError):
+            resume = False
+    if not resume:
+        storage.remove(folder)
+    storage.write_json(running, {"stage": stage, "hash": stage_hash,
+                                 "started": datetime.now(UTC).isoformat()})
+    return resume
+
+
 def write_record(run_root: str, stage: str, stage_hash: str, started: float, outputs: dict) -> StageRecord:
     now = time.time()
     rec = StageRecord(
@@ -60,6 +86,7 @@ def write_record(run_root: str, stage: str, stage_hash: str, started: float, out
         outputs=outputs,
     )
     storage.write_json(storage.join(run_root, stage, MARKER), rec.__dict__)
+    storage.remove(storage.join(run_root, stage, RUNNING))
     return rec
 
 

@@ -20,6 +20,7 @@ worker at the same step, keeps the last good checkpoint and makes :func:`run_tra
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -33,7 +34,7 @@ import pyarrow.compute as pc
 import torch
 
 from . import storage
-from .config import from_known_fields
+from .config import config_hash, from_known_fields
 from .labels import STRATEGIES, LabelStrategy, load_membership, make_strategy, slsr_loss
 from .models.reid import ModelConfig, WeightsError, build_model, load_model, save_checkpoint
 
@@ -295,6 +296,11 @@ def _parse_fault(spec: str | None) -> dict | None:
     }
 
 
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """A 63-bit seed for one rank's epoch, stable across processes and platforms."""
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+
+
 def _load_init_weights(model: torch.nn.Module, uri: str) -> list[str]:
     """Copy weights from a save_checkpoint file; the classifier / noise layer are kept fresh where
     their shapes differ (e.g. CE pretraining -> all_in_one with C+1 outputs). Returns skipped keys."""
@@ -322,8 +328,7 @@ def _train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
 
     strategy = make_strategy(
         cfg.strategy, rows["num_ids"], membership=rows["membership"] or None, epsilon=cfg.epsilon, lam=cfg.lam
@@ -340,7 +345,8 @@ def _train_loop_per_worker(config: dict) -> None:
 
     from .transforms import build_train_transform
 
-    transform = build_train_transform(cfg.height, cfg.width, erasing_p=cfg.erasing_p, crop=cfg.crop)
+    transform = build_train_transform(cfg.height, cfg.width, erasing_p=cfg.erasing_p, crop=cfg.crop,
+                                      norm=cfg.model.input_norm)
     generated = [False] * rows["num_real"] + [True] * rows["num_generated"]
     dataset = ManifestDataset(rows["paths"], rows["pids"], rows["clusters"], generated, transform)
     sampler = EpochSampler(rows["num_real"], rows["num_generated"], cfg.generated_ratio, rank, world, cfg.seed)
@@ -387,6 +393,10 @@ def _train_loop_per_worker(config: dict) -> None:
 
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
+        # Augmentation and dropout draw from a stream that depends only on (seed, rank, epoch): ranks
+        # see different crops and masks, and a run resumed from a checkpoint continues the same streams.
+        torch.manual_seed(epoch_seed(cfg.seed, rank, epoch))
+        np.random.seed(epoch_seed(cfg.seed, rank, epoch) % 2**32)
         model.train()
         t0 = time.perf_counter()
         # [loss sum, samples, correct real, real samples, non-finite flag] summed over the epoch
@@ -488,6 +498,22 @@ def _train_loop_per_worker(config: dict) -> None:
 # ---------------------------------------------------------------------------------- the driver
 
 
+# Fields that may change between a run and its resumption: more epochs continue the same run (the sweep
+# trains in chunks this way), the others only steer checkpointing and retries.
+RESUMABLE_FIELDS = ("epochs", "max_failures", "checkpoint_every", "num_to_keep", "run_name")
+
+
+def resume_key(cfg: TrainConfig, rows: dict, init_checkpoint: str | None) -> str:
+    """Hash of everything a training run's weights depend on: its Ray Train storage is named by it, so
+    Ray Train (which restores a finished run from the same name) only ever continues the same config;
+    the init checkpoint counts by content, since a retrained step-1 model keeps its URI."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_FIELDS}
+    init = None
+    if init_checkpoint:
+        init = hashlib.sha256(storage.read_bytes(init_checkpoint)).hexdigest()
+    return config_hash("train-run", settings, rows, init)
+
+
 def _decide_gpu(use_gpu: bool | None) -> bool:
     if use_gpu is not None:
         return use_gpu
@@ -544,6 +570,8 @@ def run_training(
     else:
         storage_path, storage_fs = os.path.abspath(output_dir), None
     resources = None if use_gpu else {"CPU": cfg.cpus_per_worker}
+    run_name = f"{cfg.run_name}-{resume_key(cfg, rows, init_checkpoint)}"
+    log.info("Ray Train run %s under %s (resumes only a run with this exact config)", run_name, output_dir)
     trainer = TorchTrainer(
         _train_loop_per_worker,
         train_loop_config=loop_config,
@@ -551,7 +579,7 @@ def run_training(
             num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
-            name=cfg.run_name,
+            name=run_name,
             storage_path=storage_path,
             storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
@@ -605,18 +633,18 @@ def extract_features(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
 ) -> np.ndarray:
-    """L2-normalised retrieval features of every row of ``table`` (in-process, for small sets)."""
+    """Retrieval features of every row of ``table`` (in-process, for small sets), as the extract stage
+    computes them (not normalised: the evaluation's ``metric`` decides)."""
     from .data import read_image
     from .transforms import build_test_transform
 
-    transform = build_test_transform(height, width)
+    transform = build_test_transform(height, width, norm=model.cfg.input_norm)
     paths = table["path"].to_pylist()
     model = model.to(device).eval()
     feats = []
     for i in range(0, len(paths), batch_size):
         batch = torch.stack([transform(read_image(p)) for p in paths[i : i + batch_size]]).to(device)
-        f = model.extract(batch, feature=feature).float()
-        feats.append(torch.nn.functional.normalize(f, dim=1).cpu())
+        feats.append(model.extract(batch, feature=feature).float().cpu())
     return torch.cat(feats).numpy() if feats else np.zeros((0, 0), np.float32)
 
 
@@ -628,25 +656,23 @@ def evaluate_checkpoint(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     max_rank: int = 50,
+    metric: str = "euclidean",
 ) -> dict:
-    """Rank-k / mAP / mINP of a trained checkpoint on query/gallery manifests (cosine distance on
-    L2-normalised features, via ``slsr_ray.evaluate.evaluate_rank``). Returns rank1/5/10/20, mAP,
-    mINP, num_valid_queries and the full cmc list."""
-    from .evaluate import evaluate_rank  # the evaluation layer; imported lazily
+    """Rank-k / mAP / mINP of a trained checkpoint on query/gallery manifests, with the same features
+    and distance (``metric``, default the pipeline's ``evaluate.metric``) as the pipeline's evaluation.
+    Returns rank1/5/10/20, mAP, mINP, num_valid_queries and the full cmc list."""
+    from .evaluate import evaluate_features  # the evaluation layer; imported lazily
 
     model, _, extra = load_model(checkpoint_uri, map_location=device)
     height, width = int(extra.get("height", 256)), int(extra.get("width", 128))
     qf = extract_features(model, query_table, height, width, feature, batch_size, device)
     gf = extract_features(model, gallery_table, height, width, feature, batch_size, device)
-    distmat = 1.0 - qf @ gf.T
-    res = evaluate_rank(
-        distmat,
-        query_table["pid"].to_numpy(),
-        gallery_table["pid"].to_numpy(),
-        query_table["camid"].to_numpy(),
-        gallery_table["camid"].to_numpy(),
-        max_rank=min(max_rank, gallery_table.num_rows),
-    )
+    res = evaluate_features(
+        qf, gf,
+        query_table["pid"].to_numpy(), gallery_table["pid"].to_numpy(),
+        query_table["camid"].to_numpy(), gallery_table["camid"].to_numpy(),
+        metric=metric, max_rank=min(max_rank, gallery_table.num_rows),
+    )  # fmt: skip
     cmc = np.asarray(res["cmc"])
     out = {f"rank{r}": float(cmc[min(r, len(cmc)) - 1]) for r in (1, 5, 10, 20)}
     out.update(
@@ -655,5 +681,6 @@ def evaluate_checkpoint(
         num_valid_queries=int(res["num_valid_queries"]),
         cmc=cmc.tolist(),
         feature=feature,
+        metric=metric,
     )
     return out

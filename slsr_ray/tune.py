@@ -49,7 +49,7 @@ import pyarrow.compute as pc
 from . import storage
 from .config import ConfigError, config_hash, from_dict, to_dict
 from .pipeline import USES_GENERATED, DataSection, PipelineConfig, check_run_root, stage_hashes
-from .stages import read_record, write_record
+from .stages import begin_stage, read_record, write_record
 
 log = logging.getLogger("slsr_ray.tune")
 
@@ -239,7 +239,7 @@ def generated_prefix(manifest: pa.Table, count: int, sizes: dict[int, int], spli
     """The rows of a larger generated set that make up a set of ``count`` images: per cluster c the
     images with index < ``split_count(count, sizes, split)[c]`` (what ``generate_images`` would have
     written for ``count``). Raises when the manifest holds fewer than that in some cluster."""
-    from .gan import split_count
+    from .generate import split_count
 
     if count <= 0:
         return manifest.slice(0, 0)
@@ -265,7 +265,8 @@ def _run_stage(run_root: str, key: str, stage_hash: str, fn, built: list[str], e
     if rec is not None and rec.hash == stage_hash:
         echo(f"[sweep] {key:<22} done (skipped)")
         return rec.outputs
-    echo(f"[sweep] {key:<22} running ...")
+    resumed = begin_stage(run_root, key, stage_hash)
+    echo(f"[sweep] {key:<22} {'resuming' if resumed else 'running'} ...")
     t0 = time.time()
     outputs = fn()
     rec = write_record(run_root, key, stage_hash, t0, outputs)
@@ -332,7 +333,8 @@ def prepare_shared(cfg: PipelineConfig, sweep: SweepConfig, echo=print) -> dict:
         _run_stage(root, "pretrain", h["pretrain"], lambda: pipeline.stage_pretrain(shared), built, echo)
     per_k: dict[int, dict] = {}
     if needs_clusters:
-        from .gan import find_checkpoints, generate_images, load_checkpoint, train_gans
+        from .gan import load_checkpoint, train_gans
+        from .generate import find_checkpoints, generate_images
 
         _run_stage(root, "extract", h["extract"], lambda: pipeline.stage_extract(shared), built, echo)
         _run_stage(root, "cluster", h["cluster"], lambda: pipeline.stage_cluster(shared), built, echo)
@@ -371,6 +373,7 @@ def prepare_shared(cfg: PipelineConfig, sweep: SweepConfig, echo=print) -> dict:
         "init_checkpoint": init,
         "per_k": per_k,
         "train": to_dict(cfg.train),
+        "metric": cfg.evaluate.metric,  # validation ranks with the pipeline's evaluation distance
         "sweep": to_dict(sweep),
         "built": built,
         "shared_wall_s": time.time() - t0,
@@ -444,7 +447,7 @@ def sweep_trial(config: dict, context: dict) -> None:
                               generated_manifest=generated, membership=membership,
                               init_checkpoint=context["init_checkpoint"])
         done = max(len(result.metrics), target)
-        val = evaluate_checkpoint(result.checkpoint, query, gallery)
+        val = evaluate_checkpoint(result.checkpoint, query, gallery, metric=context["metric"])
         last = result.metrics[-1] if result.metrics else {}
         ray.tune.report({
             METRIC: val["mAP"], "val_rank1": val["rank1"], "val_rank5": val["rank5"], "epoch": done,

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import ray
+import torch
 from PIL import Image
 from sklearn.cluster import KMeans
 from typer.testing import CliRunner
@@ -18,18 +19,18 @@ from slsr_ray import storage
 from slsr_ray.cli import app
 from slsr_ray.data import MANIFEST_SCHEMA, read_image_array
 from slsr_ray.gan import (
+    COLLAPSE_DIVERSITY,
     GanCheckpointError,
     GanConfig,
     GanDataError,
     GanError,
     GanTrainerCore,
     cluster_paths,
-    generate_images,
     load_checkpoint,
     make_trainer,
-    split_count,
     train_gans,
 )
+from slsr_ray.generate import generate_images, split_count
 
 TINY = dict(image_size=32, ngf=8, ndf=8, batch_size=16, seed=0)
 
@@ -202,8 +203,9 @@ def test_divergence_is_a_clear_error_and_keeps_last_good_checkpoint(ray_session,
     one = table.filter(pa.compute.equal(table["cluster"], 0))
     gan_dir = str(tmp_path / "gan")
     train_gans(one, gan_dir, GanConfig(epochs=1, **TINY), progress=False)
+    # max_loss is a guard, not a training setting: the resume is allowed and epoch 2 trips it
     with pytest.raises(GanError, match=r"cluster 0 diverged .*last good checkpoint \(epoch 1\)"):
-        train_gans(one, gan_dir, GanConfig(epochs=3, lr=1e6, **TINY), progress=False)
+        train_gans(one, gan_dir, GanConfig(epochs=3, max_loss=1e-6, **TINY), progress=False)
     assert load_checkpoint(os.path.join(gan_dir, "c0", "ckpt.pt"))["epoch"] == 1
     # ...and the kept checkpoint resumes normally
     res = train_gans(one, gan_dir, GanConfig(epochs=2, **TINY), progress=False)
@@ -235,6 +237,12 @@ def test_tiny_cluster_unreadable_images_and_arch_mismatch(ray_session, clusters,
         GanTrainerCore(1, paths[3:8], gan_dir, GanConfig(**{**TINY, "ngf": 16}))
     with pytest.raises(GanCheckpointError, match="another image set"):
         GanTrainerCore(1, paths[3:7], gan_dir, GanConfig(**TINY))
+    # a changed lr or seed never resumes the old weights (only more epochs of the same config do)
+    with pytest.raises(GanCheckpointError, match=r"other settings \(lr: 0.0002 then, 0.001 now\)"):
+        GanTrainerCore(1, paths[3:8], gan_dir, GanConfig(**{**TINY, "lr": 1e-3}))
+    with pytest.raises(GanCheckpointError, match=r"seed: 0 then, 7 now"):
+        GanTrainerCore(1, paths[3:8], gan_dir, GanConfig(**{**TINY, "seed": 7}))
+    assert GanTrainerCore(1, paths[3:8], gan_dir, GanConfig(**{**TINY, "epochs": 5})).epoch == 1
     with pytest.raises(GanDataError, match="at least 2"):
         GanTrainerCore(5, [str(broken), paths[0]], str(tmp_path / "g4"), GanConfig(**TINY))
 
@@ -280,7 +288,11 @@ def test_gan_learns_its_clusters_colours(ray_session, clusters, tmp_path):
     centroids = np.stack([_mean_colours(paths[c]).mean(0) for c in sorted(paths)])
     gan_dir = str(tmp_path / "gan")
     cfg = GanConfig(epochs=40, lr=1e-3, **{**TINY, "batch_size": 8, "ngf": 16, "ndf": 16})
-    train_gans(kdir, gan_dir, cfg, progress=False)
+    res = train_gans(kdir, gan_dir, cfg, progress=False)
+    # trained GANs are not collapsed: their samples vary like the real images of their cluster
+    print("diversity", {c: round(r["diversity"], 2) for c, r in res.items()},
+          "realism", {c: round(r["realism"], 2) for c, r in res.items()})
+    assert all(r["diversity"] > COLLAPSE_DIVERSITY for r in res.values())
     m = storage.read_table(generate_images(gan_dir, str(tmp_path / "gen"), 60, split="equal", image_size=(32, 32),
                                            progress=False))
     own, per_cluster = [], {}
@@ -294,3 +306,18 @@ def test_gan_learns_its_clusters_colours(ray_session, clusters, tmp_path):
           f"(chance 33%); distance of each cluster's generated mean colour to the 3 real centroids: {per_cluster}")
     assert all(int(np.argmin(d)) == c for c, d in per_cluster.items()), per_cluster
     assert accuracy >= 0.6
+
+
+def test_collapsed_generator_is_detected(clusters, tmp_path):
+    """A generator whose output ignores z (every sample the same picture) has diversity ~0."""
+    _, table = clusters
+    paths = table["path"].to_pylist()[:20]
+    core = GanTrainerCore(0, paths, str(tmp_path / "g"), GanConfig(epochs=0, **TINY))
+    healthy = core.quality()
+    with torch.no_grad():
+        for p in core.G.parameters():
+            p.zero_()  # constant output tanh(0) = 0 for every z
+    collapsed = core.quality()
+    assert collapsed["diversity"] < 0.01 < COLLAPSE_DIVERSITY
+    assert healthy["diversity"] > collapsed["diversity"]
+    assert collapsed["realism"] > 0 and collapsed["samples"] == 20

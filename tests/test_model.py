@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -134,3 +135,12 @@ def test_transforms_shapes_and_modes():
     assert t[0, 10, 10].item() == pytest.approx((200 / 255 - 0.485) / 0.229, rel=1e-4)
     with pytest.raises(ValueError, match="crop must be one of"):
         build_train_transform(crop="zoom")
+    # the paper's scaling to [-1, 1]: 200 -> 200/127.5 - 1; the extractor's batch path agrees
+    t = build_test_transform(64, 32, norm="symmetric")(img)
+    assert t[0, 10, 10].item() == pytest.approx(200 / 127.5 - 1, rel=1e-5)
+    from slsr_ray.extract import normalise
+
+    batch = normalise(np.asarray(img.resize((32, 64)))[None], "symmetric")[0]
+    assert torch.allclose(batch, t, atol=1e-6)
+    with pytest.raises(ValueError, match="input_norm must be one of"):
+        ModelConfig(input_norm="zscore")

@@ -26,8 +26,33 @@ def test_presets_load_with_paper_settings(name):
         assert (cfg.train.gamma, cfg.train.power, cfg.train.momentum, cfg.train.weight_decay) == (0.1, 0.025, 0.9, 5e-4)
         assert (cfg.pretrain.epochs, cfg.pretrain.lr) == (40, 0.001)
         assert (cfg.gan.epochs, cfg.gan.lr, cfg.gan.beta1, cfg.gan.image_size) == (30, 2e-4, 0.5, 128)
-        assert cfg.generate.count == 12000 and cfg.train.model.backbone == "resnet50"
-        assert cfg.cluster.ks == [2, 3, 4, 5]
+        assert cfg.train.model.backbone == "resnet50"
+        # the paper fixes K=3 for every dataset (after the Table-2 silhouette study) and partitions ids
+        assert cfg.cluster.ks == [2, 3, 4, 5] and cfg.cluster.k == 3 and cfg.cluster.rule == "majority"
+        # generated images: 12,000 on Market (Table 4); elsewhere about the number of real train images
+        want = {"market1501": 12000, "dukemtmcreid": 16500, "cuhk03": 13000, "msmt17": 30000, "viper": 632}
+        assert cfg.generate.count == want[name]
+
+
+def test_one_pretrained_setting_feeds_the_clustering_and_the_final_model(tmp_path):
+    weights = tmp_path / "resnet50.pth"
+    cfg = load_config("market1501", [f"pretrained={weights}"])
+    # step 1's model (whose features are clustered) starts from the same ImageNet weights as step 6's
+    assert cfg.pretrain.model.pretrained == cfg.train.model.pretrained == str(weights)
+    # an explicit per-section value wins
+    cfg = load_config("market1501", [f"pretrained={weights}", "train.model.pretrained=/other.pth"])
+    assert cfg.pretrain.model.pretrained == str(weights) and cfg.train.model.pretrained == "/other.pth"
+    assert load_config("market1501").pretrain.model.pretrained is None
+
+
+def test_paper_input_pipeline_option():
+    cfg = load_config("market1501", ["input_pipeline=paper"])
+    for section in (cfg.pretrain, cfg.train):
+        assert (section.height, section.width, section.crop, section.model.input_norm) == (224, 224, "resize", "symmetric")
+    assert (cfg.extract.height, cfg.extract.width) == (224, 224)
+    assert load_config("market1501").train.model.input_norm == "imagenet"
+    with pytest.raises(ConfigError, match="input_pipeline"):
+        load_config("market1501", ["input_pipeline=fancy"])
 
 
 def test_unknown_key_and_wrong_type_name_the_key():

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pytest
 
 from slsr_ray import storage
-from slsr_ray.gan import split_count
+from slsr_ray.generate import split_count
 from slsr_ray.stages import read_record
 from slsr_ray.tune import (
     SweepConfig,

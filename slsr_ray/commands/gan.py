@@ -64,7 +64,8 @@ def generate(
     batch_size: int = typer.Option(64),
 ) -> None:
     """Generate COUNT images from the per-cluster GANs; resumable; prints the manifest URI."""
-    from ..gan import GanError, generate_images
+    from ..gan import GanError
+    from ..generate import generate_images
 
     if count <= 0:
         typer.echo(f"error: --count must be a positive number of images, got {count}", err=True)

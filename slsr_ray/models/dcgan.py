@@ -28,7 +28,7 @@ Choices where the paper is silent or where we offer a switch:
   returns the sigmoid output.
 * **Aspect ratio.** Re-id crops are rectangular (128x64 on Market-1501); as in LSRO, the DCGAN is
   trained on crops resized to a square, and generated squares are resized back to the re-id shape
-  when written to disk (``slsr_ray.gan.generate_images(image_size=(h, w))``).
+  when written to disk (``slsr_ray.generate.generate_images(image_size=(h, w))``).
 * **Init.** Weights N(0, 0.02), BatchNorm scales N(1, 0.02), as in DCGAN.
 """
 

@@ -74,6 +74,7 @@ class ModelConfig:
     dropout: float = 0.5
     noise_layer: bool = True
     pretrained: str | None = None
+    input_norm: str = "imagenet"  # pixel scaling the model expects: imagenet statistics or symmetric [-1, 1]
 
     def __post_init__(self):
         if self.backbone not in BACKBONES:
@@ -82,6 +83,9 @@ class ModelConfig:
             raise ValueError(f"last_stride must be 1 or 2, got {self.last_stride}")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        from ..transforms import normalization
+
+        normalization(self.input_norm)  # validates the name
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:

@@ -32,7 +32,7 @@ import torch
 from slsr_ray import storage
 from slsr_ray.data import read_image
 from slsr_ray.extract import ExtractConfig, extract_features, is_complete, load_features
-from slsr_ray.gan import generate_images
+from slsr_ray.generate import generate_images
 from slsr_ray.models import ModelConfig, build_model, load_model, save_checkpoint
 from slsr_ray.pipeline import load_config, run_pipeline
 from slsr_ray.stages import read_record
