@@ -16,7 +16,6 @@ import dataclasses
 import logging
 import os
 import tempfile
-import time
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -26,7 +25,7 @@ from . import storage
 from .config import ConfigError, apply_overrides, config_hash, from_dict, load_yaml, to_dict
 from .extract import ExtractConfig
 from .gan import GanConfig
-from .stages import STAGES, begin_stage, is_done, read_record, stage_dir, status_table, write_record
+from .stages import STAGES, read_record, run_stage, stage_dir, status_table
 from .train import TrainConfig
 
 log = logging.getLogger("slsr_ray.pipeline")
@@ -422,26 +421,13 @@ def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, until: str 
     storage.write_json(_uri(cfg, "config.json"), to_dict(cfg))
     hashes = stage_hashes(cfg)
     forced = False
-    timings = {}
     steps = plan(cfg)
     if until is not None:  # up to and including every key of that stage (train/<each strategy>)
         last = max((i for i, (key, _) in enumerate(steps) if _stage_family(key) == until), default=len(steps) - 1)
         steps = steps[: last + 1]
     for key, fn in steps:
-        family = _stage_family(key)
-        if from_stage is not None and family == from_stage:
-            forced = True
-        if not forced and is_done(cfg.run_root, key, hashes[key]):
-            echo(f"[slsr] {key:<18} done (skipped)")
-            timings[key] = read_record(cfg.run_root, key).seconds
-            continue
-        resumed = begin_stage(cfg.run_root, key, hashes[key], force=forced)
-        echo(f"[slsr] {key:<18} {'resuming' if resumed else 'running'} ...")
-        t0 = time.time()
-        outputs = fn(cfg)
-        rec = write_record(cfg.run_root, key, hashes[key], t0, outputs)
-        timings[key] = rec.seconds
-        echo(f"[slsr] {key:<18} finished in {rec.seconds:.1f}s")
+        forced = forced or (from_stage is not None and _stage_family(key) == from_stage)
+        run_stage(cfg.run_root, key, hashes[key], lambda fn=fn: fn(cfg), force=forced, echo=echo)
     from .report import write_report
 
     return write_report(cfg, echo=echo)

@@ -90,6 +90,24 @@ def write_record(run_root: str, stage: str, stage_hash: str, started: float, out
     return rec
 
 
+def run_stage(run_root: str, stage: str, stage_hash: str, fn, force: bool = False, echo=print,
+              tag: str = "slsr") -> tuple[StageRecord, bool]:
+    """Skip, resume or run one stage (every runner's loop body: the pipeline's and the sweep's).
+
+    Skips when the marker holds ``stage_hash`` (unless ``force``); otherwise prepares the folder
+    (:func:`begin_stage`), calls ``fn()`` for the outputs and writes the marker last. Returns the
+    stage's record and whether it ran."""
+    if not force and is_done(run_root, stage, stage_hash):
+        echo(f"[{tag}] {stage:<18} done (skipped)")
+        return read_record(run_root, stage), False
+    resumed = begin_stage(run_root, stage, stage_hash, force=force)
+    echo(f"[{tag}] {stage:<18} {'resuming' if resumed else 'running'} ...")
+    started = time.time()
+    rec = write_record(run_root, stage, stage_hash, started, fn())
+    echo(f"[{tag}] {stage:<18} finished in {rec.seconds:.1f}s")
+    return rec, True
+
+
 def status_table(run_root: str, expected: dict[str, str] | None = None) -> list[dict]:
     """One row per stage: done / stale (config changed) / pending, with timings."""
     rows = []

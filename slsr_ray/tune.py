@@ -49,7 +49,7 @@ import pyarrow.compute as pc
 from . import storage
 from .config import ConfigError, config_hash, from_dict, to_dict
 from .pipeline import USES_GENERATED, DataSection, PipelineConfig, check_run_root, stage_hashes
-from .stages import begin_stage, read_record, write_record
+from .stages import read_record, run_stage
 
 log = logging.getLogger("slsr_ray.tune")
 
@@ -261,18 +261,10 @@ def generated_prefix(manifest: pa.Table, count: int, sizes: dict[int, int], spli
 
 def _run_stage(run_root: str, key: str, stage_hash: str, fn, built: list[str], echo) -> dict:
     """Run ``fn()`` unless ``key``'s marker under ``run_root`` holds ``stage_hash``; returns its outputs."""
-    rec = read_record(run_root, key)
-    if rec is not None and rec.hash == stage_hash:
-        echo(f"[sweep] {key:<22} done (skipped)")
-        return rec.outputs
-    resumed = begin_stage(run_root, key, stage_hash)
-    echo(f"[sweep] {key:<22} {'resuming' if resumed else 'running'} ...")
-    t0 = time.time()
-    outputs = fn()
-    rec = write_record(run_root, key, stage_hash, t0, outputs)
-    built.append(key)
-    echo(f"[sweep] {key:<22} finished in {rec.seconds:.1f}s")
-    return outputs
+    rec, ran = run_stage(run_root, key, stage_hash, fn, echo=echo, tag="sweep")
+    if ran:
+        built.append(key)
+    return rec.outputs
 
 
 def _shared_config(cfg: PipelineConfig, layout: SweepLayout, sweep: SweepConfig) -> PipelineConfig:
