@@ -9,17 +9,10 @@ Rerun with ``--resume`` to continue an interrupted sweep (``Tuner.restore`` on t
 
 import sys
 
-from slsr_ray.jobs import job_parser
+from slsr_ray.jobs import job_parser, run_entry
 
 
 def main(argv=None) -> int:
-    from slsr_ray.config import ConfigError
-    from slsr_ray.data import DatasetError
-    from slsr_ray.pipeline import load_config
-    from slsr_ray.raysetup import init_ray
-    from slsr_ray.storage import StorageError
-    from slsr_ray.tune import SweepConfig, run_sweep
-
     p = job_parser("Ray Tune sweep over K, lambda and the number of generated images.")
     p.add_argument("--k", dest="ks", type=int, nargs="+", default=[2, 3, 4, 5])
     p.add_argument("--lambda", dest="lams", type=float, nargs="+", default=[1.0])
@@ -36,20 +29,27 @@ def main(argv=None) -> int:
     p.add_argument("--no-retrain-best", dest="retrain_best", action="store_false")
     p.add_argument("--resume", action="store_true")
     args = p.parse_args(argv)
-    try:
+
+    def body() -> None:
+        from slsr_ray.errors import as_config_error
+        from slsr_ray.pipeline import load_config
+        from slsr_ray.raysetup import init_ray
+        from slsr_ray.tune import SweepConfig, run_sweep
+        from slsr_ray.validate import validate_config
+
         cfg = load_config(args.config, args.overrides, args.run_root)
-        sweep = SweepConfig(
-            ks=args.ks, lams=args.lams, generated=args.generated, lrs=args.lrs, search=args.search,
-            num_samples=args.samples, asha=args.asha, max_concurrent_trials=args.concurrent,
-            trial_cpus=args.trial_cpus, train_workers=args.train_workers, cpus_per_worker=args.cpus_per_worker,
-            val_fraction=args.val_fraction, retrain_best=args.retrain_best,
-        )
+        with as_config_error("sweep options"):
+            sweep = SweepConfig(
+                ks=args.ks, lams=args.lams, generated=args.generated, lrs=args.lrs, search=args.search,
+                num_samples=args.samples, asha=args.asha, max_concurrent_trials=args.concurrent,
+                trial_cpus=args.trial_cpus, train_workers=args.train_workers, cpus_per_worker=args.cpus_per_worker,
+                val_fraction=args.val_fraction, retrain_best=args.retrain_best,
+            )
+        validate_config(cfg, check_inputs=True)  # before Ray starts
         init_ray()
         run_sweep(cfg, sweep, resume=args.resume)
-    except (ConfigError, DatasetError, StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_entry(body, args.verbose)
 
 
 if __name__ == "__main__":

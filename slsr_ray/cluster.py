@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import storage
+from .errors import SlsrError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ _CHUNK_ROWS = 16_384
 MEMBERSHIP_RULES = ("majority", "any", "min_share")
 
 
-class ClusteringError(ValueError):
+class ClusteringError(SlsrError, ValueError):
     """Bad input to clustering: wrong K, non-finite features, empty shards, too few identities."""
 
 

@@ -17,10 +17,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .errors import SlsrError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(SlsrError, ValueError):
     """A config has an unknown key or a value of the wrong type."""
 
 

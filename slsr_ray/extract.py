@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import posixpath
 import time
 from dataclasses import asdict, dataclass
 
@@ -38,6 +37,9 @@ import numpy as np
 import pyarrow as pa
 
 from . import storage
+from .errors import SlsrError
+from .staging import staged_folder
+from .validate import check_model_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ SUCCESS_MARKER = "_SUCCESS"
 META_FILE = "meta.json"
 
 
-class ExtractError(ValueError):
+class ExtractError(SlsrError, ValueError):
     """Bad extraction input: missing images, a manifest without paths, impossible resources."""
 
 
@@ -199,22 +201,7 @@ def read_manifest(manifest: str | pa.Table) -> pa.Table:
 
 def missing_images(paths: list[str]) -> list[str]:
     """The paths (local or s3://) that do not exist; one listing per folder, so it scales to S3."""
-    import pyarrow.fs as pafs
-
-    by_dir: dict[str, list[str]] = {}
-    for p in paths:
-        parent = posixpath.dirname(p) if storage.is_s3(p) else os.path.dirname(os.path.abspath(p))
-        by_dir.setdefault(parent, []).append(p)
-    missing = []
-    for folder, items in by_dir.items():
-        fs, fpath = storage.filesystem(folder)
-        try:
-            infos = fs.get_file_info(pafs.FileSelector(fpath, allow_not_found=True))
-        except OSError as e:
-            raise storage.StorageError(f"cannot list image folder {folder}: {e}") from e
-        present = {posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File}
-        missing.extend(p for p in items if os.path.basename(p) not in present)
-    return missing
+    return storage.missing_files(paths)
 
 
 def check_images(paths: list[str], show: int = 5) -> None:
@@ -260,12 +247,9 @@ def _resources(cfg: ExtractConfig) -> tuple[int, float, str]:
     return num_actors, num_gpus, decode
 
 
-def _clear_output(output_dir: str) -> None:
-    """Remove an earlier extraction's marker and shards (only those: the folder may hold other files)."""
-    storage.remove(storage.join(output_dir, SUCCESS_MARKER))
-    for name in storage.listdir(output_dir):
-        if name.endswith(".parquet") or name == META_FILE:
-            storage.remove(storage.join(output_dir, name))
+def _is_extraction_file(name: str) -> bool:
+    """An earlier extraction's files (replaced by a new one; the folder may hold other files, kept)."""
+    return name.endswith(".parquet") or name in (META_FILE, SUCCESS_MARKER)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,11 +284,10 @@ def extract_features(manifest: str | pa.Table, checkpoint, output_dir: str, cfg:
         ckpt_uri, model_config, state_ref, source = str(checkpoint), None, None, str(checkpoint)
         if not storage.exists(ckpt_uri):
             raise ExtractError(f"checkpoint {ckpt_uri} does not exist")
+        check_model_checkpoint(ckpt_uri, "checkpoint")  # on the driver, before any actor or output exists
     else:
         raise ExtractError(f"checkpoint must be a URI or a ModelConfig, got {type(checkpoint).__name__}")
     output_dir = storage.absolute(output_dir)
-    storage.makedirs(output_dir)
-    _clear_output(output_dir)  # only once every input is known to be good
 
     n = table.num_rows
     table = table.append_column("row_index", pa.array(np.arange(n, dtype=np.int64)))
@@ -335,29 +318,32 @@ def extract_features(manifest: str | pa.Table, checkpoint, output_dir: str, cfg:
         num_cpus=cfg.cpus_per_actor,
         udf_modifying_row_count=False,
     )
-    fs, fs_path = storage.filesystem(output_dir)
-    start = time.perf_counter()
-    log.info("extracting %d images with %d actor(s) (%g GPU each, decode in %s) -> %s", n, num_actors, num_gpus,
-             decode, output_dir)
-    # Rows land in the files in manifest order (file names sort in block order): the clustering reads
-    # them in that order, so the same seed gives the same k-means run (k-means++ draws by position).
-    ds.context.execution_options.preserve_order = True
-    ds.write_parquet(fs_path, filesystem=fs, min_rows_per_file=min(cfg.rows_per_file, n))
-    seconds = time.perf_counter() - start
+    # Written into a staging folder swapped in when complete: a failed or killed extraction never
+    # costs the previous features in output_dir.
+    with staged_folder(output_dir, marker=SUCCESS_MARKER, owned=_is_extraction_file) as stage:
+        fs, fs_path = storage.filesystem(stage)
+        start = time.perf_counter()
+        log.info("extracting %d images with %d actor(s) (%g GPU each, decode in %s) -> %s", n, num_actors,
+                 num_gpus, decode, output_dir)
+        # Rows land in the files in manifest order (file names sort in block order): the clustering reads
+        # them in that order, so the same seed gives the same k-means run (k-means++ draws by position).
+        ds.context.execution_options.preserve_order = True
+        ds.write_parquet(fs_path, filesystem=fs, min_rows_per_file=min(cfg.rows_per_file, n))
+        seconds = time.perf_counter() - start
 
-    files = [f for f in storage.listdir(output_dir) if f.endswith(".parquet")]
-    written = sum(storage.read_table(storage.join(output_dir, f), columns=["row_index"]).num_rows for f in files)
-    if written != n:
-        raise ExtractError(f"extraction wrote {written} rows for {n} manifest rows in {output_dir}")
-    dim = storage.read_table(storage.join(output_dir, files[0])).schema.field("feature").type.list_size
-    storage.write_json(storage.join(output_dir, META_FILE), {
-        "num_rows": n, "dim": dim, "feature": cfg.feature, "model": source,
-        "manifest": "<table>" if isinstance(manifest, pa.Table) else str(manifest),
-        "columns": table.column_names + ["feature"], "files": sorted(files), "config": asdict(cfg),
-        "num_actors": num_actors, "num_gpus_per_actor": num_gpus, "decode": decode,
-        "seconds": seconds, "images_per_s": n / seconds if seconds > 0 else math.inf,
-    })
-    storage.write_bytes(storage.join(output_dir, SUCCESS_MARKER), b"")  # last: marks the output complete
+        files = [f for f in storage.listdir(stage) if f.endswith(".parquet")]
+        written = sum(storage.read_table(storage.join(stage, f), columns=["row_index"]).num_rows for f in files)
+        if written != n:
+            raise ExtractError(f"extraction wrote {written} rows for {n} manifest rows in {output_dir}")
+        dim = storage.read_table(storage.join(stage, files[0])).schema.field("feature").type.list_size
+        storage.write_json(storage.join(stage, META_FILE), {
+            "num_rows": n, "dim": dim, "feature": cfg.feature, "model": source,
+            "manifest": "<table>" if isinstance(manifest, pa.Table) else str(manifest),
+            "columns": table.column_names + ["feature"], "files": sorted(files), "config": asdict(cfg),
+            "num_actors": num_actors, "num_gpus_per_actor": num_gpus, "decode": decode,
+            "seconds": seconds, "images_per_s": n / seconds if seconds > 0 else math.inf,
+        })
+        storage.write_bytes(storage.join(stage, SUCCESS_MARKER), b"")  # last: marks the output complete
     log.info("extracted %d features (%d-d) in %.1f s (%.1f images/s)", n, dim, seconds, n / max(seconds, 1e-9))
     return output_dir
 

@@ -39,6 +39,7 @@ from PIL import Image
 from . import storage
 from .config import from_known_fields
 from .data import ImageReadError, read_image
+from .errors import SlsrError
 from .models.dcgan import DCGANArch, build_dcgan, sample_noise
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ CHECKPOINT_FORMAT = 1
 COLLAPSE_DIVERSITY = 0.05
 
 
-class GanError(RuntimeError):
+class GanError(SlsrError, RuntimeError):
     """Base class for errors of the GAN stage."""
 
 

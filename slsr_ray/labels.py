@@ -31,11 +31,12 @@ from __future__ import annotations
 import torch
 
 from . import storage
+from .errors import SlsrError
 
 STRATEGIES = ("none", "lsr", "lsro", "all_in_one", "pseudo", "slsr")
 
 
-class LabelError(ValueError):
+class LabelError(SlsrError, ValueError):
     """A batch or cluster membership that a label strategy cannot turn into targets."""
 
 

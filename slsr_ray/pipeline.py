@@ -25,8 +25,9 @@ from . import storage
 from .config import ConfigError, apply_overrides, config_hash, from_dict, load_yaml, to_dict
 from .extract import ExtractConfig
 from .gan import GanConfig
-from .stages import STAGES, read_record, run_stage, stage_dir, status_table
+from .stages import read_record, record_state, run_stage, stage_dir, status_table
 from .train import TrainConfig
+from .validate import validate_config
 
 log = logging.getLogger("slsr_ray.pipeline")
 
@@ -179,7 +180,9 @@ def load_config(name_or_path: str = "synthetic", overrides: list[str] | None = N
     raw = apply_overrides(load_yaml(text, name_or_path), list(overrides or []))
     if run_root is not None:
         raw["run_root"] = run_root
-    return from_dict(PipelineConfig, raw)
+    cfg = from_dict(PipelineConfig, raw)
+    validate_config(cfg)  # ranges, enums, names and cross-field rules; no I/O (see slsr_ray.validate)
+    return cfg
 
 
 # Training settings that only matter to strategies with generated images (lambda weighs their soft
@@ -413,10 +416,8 @@ def _stage_family(key: str) -> str:
 def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, until: str | None = None,
                  echo=print) -> dict:
     """Run (or resume) the pipeline; returns the run summary (also written under ``report/``)."""
-    if from_stage is not None and from_stage not in STAGES:
-        raise ConfigError(f"--from must be one of {', '.join(STAGES)}, got {from_stage!r}")
-    if until is not None and until not in STAGES:
-        raise ConfigError(f"--until must be one of {', '.join(STAGES)}, got {until!r}")
+    # Everything is checked before anything under the run root changes (config.json, markers).
+    validate_config(cfg, check_inputs=True, from_stage=from_stage, until=until)
     check_run_root(cfg.run_root)
     storage.write_json(_uri(cfg, "config.json"), to_dict(cfg))
     hashes = stage_hashes(cfg)
@@ -450,17 +451,27 @@ def check_run_root(run_root: str) -> None:
 
 def pipeline_status(run_root: str) -> list[dict]:
     """Stage states for ``slsr status`` (reads the run's saved config to spot stale stages)."""
-    cfg_uri = storage.join(run_root, "config.json")
+    storage.require_folder(run_root, "run root", "the run root of a pipeline run")
     expected = None
     rows_extra = []
-    if storage.exists(cfg_uri):
-        cfg = from_dict(PipelineConfig, storage.read_json(cfg_uri))
-        expected = stage_hashes(cfg)
+    if storage.exists(storage.join(run_root, "config.json")):
+        expected = stage_hashes(read_run_config(run_root))
         rows_extra = [k for k in expected if "/" in k]
     rows = [r for r in status_table(run_root, expected) if r["stage"] not in ("train", "evaluate")]
     for key in rows_extra:
-        rec = read_record(run_root, key)
-        state = "pending" if rec is None else ("done" if rec.hash == expected[key] else "stale")
+        state, rec = record_state(run_root, key, expected[key])
         rows.append({"stage": key, "state": state, "seconds": rec.seconds if rec else None,
                      "finished": rec.finished if rec else None})
     return rows
+
+
+def read_run_config(run_root: str) -> PipelineConfig:
+    """The config a run saved (``config.json``); errors name the file."""
+    uri = storage.join(run_root, "config.json")
+    try:
+        cfg = from_dict(PipelineConfig, storage.read_json(uri))
+    except ConfigError as e:
+        raise ConfigError(f"{uri} is not a valid run config ({e})",
+                          expected="the config.json `slsr run` wrote (from this version of slsr-ray)") from e
+    cfg.run_root = run_root
+    return cfg

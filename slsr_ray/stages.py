@@ -9,6 +9,7 @@ downstream (their hashes chain).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +22,8 @@ MARKER = "_STAGE.json"
 # from what the stage left (Ray Train checkpoints, GAN epochs, generated images); anything else in the
 # stage folder is from another config and is cleared first, so a resume never continues a changed one
 RUNNING = "_RUNNING.json"
+
+log = logging.getLogger("slsr_ray.stages")
 
 
 @dataclass
@@ -42,10 +45,27 @@ def stage_dir(run_root: str, stage: str) -> str:
 
 
 def read_record(run_root: str, stage: str) -> StageRecord | None:
+    """The stage's marker, or None when it has none. A damaged marker (markers are written atomically,
+    so only something outside the pipeline damages one) counts as "not done": a warning names the file
+    and the stage reruns, rewriting it; ``slsr status`` shows the stage as ``corrupt``."""
     uri = storage.join(run_root, stage, MARKER)
     if not storage.exists(uri):
         return None
-    return StageRecord.from_json(storage.read_json(uri))
+    try:
+        return StageRecord.from_json(storage.read_json(uri))
+    except (storage.CorruptFileError, KeyError, TypeError) as e:
+        log.warning("warning: ignoring damaged stage marker %s (%s): stage %s counts as not done and will rerun",
+                    uri, e, stage)
+        return None
+
+
+def record_state(run_root: str, stage: str, expected_hash: str | None) -> tuple[str, StageRecord | None]:
+    """(``done`` | ``stale`` | ``pending`` | ``corrupt``, the marker) of one stage key."""
+    rec = read_record(run_root, stage)
+    if rec is None:
+        corrupt = storage.exists(storage.join(run_root, stage, MARKER))
+        return ("corrupt" if corrupt else "pending"), None
+    return ("done" if expected_hash in (None, rec.hash) else "stale"), rec
 
 
 def is_done(run_root: str, stage: str, expected_hash: str) -> bool:
@@ -112,13 +132,7 @@ def status_table(run_root: str, expected: dict[str, str] | None = None) -> list[
     """One row per stage: done / stale (config changed) / pending, with timings."""
     rows = []
     for stage in STAGES:
-        rec = read_record(run_root, stage)
-        if rec is None:
-            state = "pending"
-        elif expected is not None and expected.get(stage) not in (None, rec.hash):
-            state = "stale"
-        else:
-            state = "done"
+        state, rec = record_state(run_root, stage, (expected or {}).get(stage))
         rows.append(
             {
                 "stage": stage,

@@ -7,7 +7,10 @@ object).
 
 S3 settings come from the usual AWS environment and config files (``AWS_ACCESS_KEY_ID``,
 ``AWS_PROFILE``, ``AWS_REGION``, ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` for S3-compatible
-stores such as MinIO or moto).
+stores such as MinIO or moto). How long to wait for S3 is set by ``SLSR_S3_CONNECT_TIMEOUT`` (seconds,
+default 3), ``SLSR_S3_READ_TIMEOUT`` (seconds without an answer, default 5) and ``SLSR_S3_RETRIES``
+(attempts per request, default 2): an endpoint that accepts connections and never answers fails in
+about 10 s, and the error names the endpoint.
 """
 
 from __future__ import annotations
@@ -25,9 +28,34 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from .errors import SlsrError
 
-class StorageError(RuntimeError):
+
+class StorageError(SlsrError, RuntimeError):
     """A run-root path could not be read or written (missing, no credentials, unreachable, ...)."""
+
+
+class CorruptFileError(StorageError):
+    """A file exists but its content does not parse (a truncated or hand-edited JSON file)."""
+
+
+S3_TIMEOUT_ENV = {"connect": ("SLSR_S3_CONNECT_TIMEOUT", 3.0), "read": ("SLSR_S3_READ_TIMEOUT", 5.0),
+                  "retries": ("SLSR_S3_RETRIES", 2)}
+
+
+def s3_timeouts() -> dict[str, float]:
+    """Connect / read timeouts (s) and attempts per request, from ``SLSR_S3_*`` or the defaults."""
+    out = {}
+    for name, (env, default) in S3_TIMEOUT_ENV.items():
+        raw = os.environ.get(env)
+        try:
+            value = type(default)(raw) if raw not in (None, "") else default
+        except ValueError:
+            value = None
+        if value is None or value <= 0:
+            raise StorageError(f"bad value {raw!r}", where=env, expected=f"a positive number (default {default})")
+        out[name] = value
+    return out
 
 
 def is_s3(uri: str | os.PathLike) -> bool:
@@ -88,7 +116,8 @@ def s3_filesystem() -> pafs.S3FileSystem:
     frozen = creds.get_frozen_credentials()
     endpoint = _s3_endpoint()
     region = session.region_name or os.environ.get("AWS_REGION") or "us-east-1"
-    key = (frozen.access_key, frozen.secret_key, frozen.token, endpoint, region)
+    waits = s3_timeouts()
+    key = (frozen.access_key, frozen.secret_key, frozen.token, endpoint, region, tuple(waits.values()))
     with _S3_LOCK:
         fs = _S3_CACHE.get(key)
         if fs is None:
@@ -97,9 +126,9 @@ def s3_filesystem() -> pafs.S3FileSystem:
                 secret_key=frozen.secret_key,
                 session_token=frozen.token,
                 region=region,
-                connect_timeout=5,
-                request_timeout=30,
-                retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+                connect_timeout=waits["connect"],
+                request_timeout=waits["read"],
+                retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=int(waits["retries"])),
             )
             if endpoint:
                 scheme = "https" if endpoint.startswith("https://") else "http"
@@ -124,7 +153,12 @@ def _wrap(uri: str, err: Exception) -> StorageError:
         low = msg.lower()
         # connection errors first: their text also holds "bucket" and "not" ("Could not connect")
         if "curl" in low or "connect" in low or "timed out" in low or "timeout" in low:
-            return StorageError(f"S3 endpoint unreachable while accessing {uri}: {msg}")
+            waits = s3_timeouts()
+            return StorageError(
+                f"S3 endpoint unreachable while accessing {uri}", where=_s3_endpoint() or "AWS S3",
+                expected=f"an S3 endpoint answering within {waits['connect']:g} s (connect) / {waits['read']:g} s "
+                f"(read), {int(waits['retries'])} attempt(s); set SLSR_S3_CONNECT_TIMEOUT, SLSR_S3_READ_TIMEOUT, "
+                f"SLSR_S3_RETRIES to wait longer ({msg.strip().splitlines()[0][:200] if msg.strip() else ''})")
         if "slow_down" in low or "slowdown" in low or "throttl" in low or "http status 503" in low:
             return StorageError(f"S3 throttled the requests for {uri} (still failing after retries): {msg}")
         if "nosuchbucket" in low or "bucket does not exist" in low or "bucket" in low and "not" in low:
@@ -211,7 +245,13 @@ def write_text(uri: str | os.PathLike, text: str) -> None:
 
 
 def read_json(uri: str | os.PathLike) -> Any:
-    return json.loads(read_text(uri))
+    """Parse a JSON file; :class:`CorruptFileError` naming it when it does not parse."""
+    data = read_bytes(uri)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(f"{uri} is not valid JSON ({e})",
+                               expected="a complete JSON file (truncated or edited by hand?)") from e
 
 
 def write_json(uri: str | os.PathLike, obj: Any) -> None:
@@ -296,3 +336,42 @@ def to_local(uri: str | os.PathLike, cache_dir: str | None = None) -> str:
     if not os.path.exists(local):
         write_bytes(local, read_bytes(uri))
     return local
+
+
+def missing_files(paths: list[str]) -> list[str]:
+    """The paths (local or s3://) that are not files; one listing per folder, so it scales to S3.
+    A dangling symlink counts as missing."""
+    by_dir: dict[str, list[str]] = {}
+    for p in paths:
+        parent = posixpath.dirname(p) if is_s3(p) else os.path.dirname(os.path.abspath(p))
+        by_dir.setdefault(parent, []).append(p)
+    missing = []
+    for folder, items in by_dir.items():
+        fs, fpath = filesystem(folder)
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(fpath, allow_not_found=True))
+        except OSError as e:
+            raise _wrap(folder, e) from e
+        present = {posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File}
+        missing.extend(p for p in items if os.path.basename(p) not in present)
+    return missing
+
+
+def require_folder(uri: str | os.PathLike, key: str, what: str = "a folder") -> None:
+    """``uri`` must be an existing folder (for ``s3://``: its bucket must exist); StorageError naming
+    ``key`` (the option or config key that gave it) otherwise."""
+    uri = str(uri)
+    if not is_s3(uri):
+        if os.path.isfile(uri):
+            raise StorageError(f"{uri} is a file", where=key, expected=f"{what}, not a file")
+        if not os.path.isdir(uri):
+            raise StorageError(f"{uri} does not exist", where=key, expected=f"an existing folder ({what})")
+        return
+    bucket = uri[len("s3://"):].split("/", 1)[0]
+    fs = s3_filesystem()
+    try:
+        info = fs.get_file_info(bucket)
+    except OSError as e:
+        raise _wrap(uri, e) from e
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(f"S3 bucket {bucket} does not exist", where=key, expected=f"an existing bucket ({what})")

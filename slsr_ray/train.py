@@ -35,6 +35,7 @@ import torch
 
 from . import storage
 from .config import config_hash, from_known_fields
+from .errors import SlsrError
 from .labels import STRATEGIES, LabelStrategy, load_membership, make_strategy, slsr_loss
 from .models.reid import ModelConfig, WeightsError, build_model, load_model, save_checkpoint
 
@@ -51,7 +52,7 @@ STATE_FILE = "state.pt"
 FAULT_ENV = "SLSR_TRAIN_FAULT"
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(SlsrError, RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
 
 

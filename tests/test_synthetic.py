@@ -14,7 +14,14 @@ import pyarrow.fs as pafs
 import pytest
 
 from slsr_ray import storage
-from slsr_ray.data import load_dataset, make_synthetic, read_image, read_image_array, to_manifest
+from slsr_ray.data import (
+    DatasetError,
+    load_dataset,
+    make_synthetic,
+    read_image,
+    read_image_array,
+    to_manifest,
+)
 
 MARKET_NAME = re.compile(r"^(-1|\d{4})_c(\d)s\d_\d{6}_\d{2}\.jpg$")
 SPLIT_DIRS = ("bounding_box_train", "bounding_box_test", "query")
@@ -87,9 +94,9 @@ def test_load_dataset_synthetic_builds_when_empty(tmp_path):
 
 
 def test_bad_arguments(tmp_path, synthetic_root):
-    with pytest.raises(ValueError, match="cams must be in 2..9"):
+    with pytest.raises(ValueError, match=r"\(cams\): expected 2\.\.9.*got 12"):
         make_synthetic(tmp_path, cams=12)
-    with pytest.raises(FileExistsError, match="overwrite=True"):
+    with pytest.raises(DatasetError, match="overwrite=True"):
         make_synthetic(synthetic_root, num_ids=4)
 
 

@@ -22,7 +22,16 @@ def synth(
 ) -> None:
     """Write a synthetic re-id dataset in the Market-1501 layout."""
     from ..data import make_synthetic
+    from ..data.synthetic import MIN_SIDE
+    from ..errors import check_option
 
+    # flags named as the user typed them, before anything is written
+    check_option(num_ids >= 2, "--num-ids", "at least 2 identities (train and test need one each)", num_ids)
+    check_option(2 <= cams <= 9, "--cams", "2..9 cameras (Market file names hold one camera digit)", cams)
+    check_option(images_per_id >= 2, "--images-per-id", "at least 2 (a query needs a gallery match)", images_per_id)
+    check_option(seed >= 0, "--seed", "a seed >= 0", seed)
+    check_option(height >= MIN_SIDE, "--height", f"at least {MIN_SIDE} pixels", height)
+    check_option(width >= MIN_SIDE, "--width", f"at least {MIN_SIDE} pixels", width)
     summary = make_synthetic(
         root, num_ids=num_ids, cams=cams, images_per_id=images_per_id, seed=seed,
         size=(height, width), overwrite=overwrite,
@@ -36,14 +45,9 @@ def summary(
     root: str = typer.Option(..., "--root", "-r", help="dataset root folder"),
 ) -> None:
     """Identities, images and cameras per split, as a table."""
-    from ..data import DatasetError, load_dataset
+    from ..data import load_dataset
 
-    try:
-        ds = load_dataset(dataset, root)
-    except DatasetError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from e
-    typer.echo(ds.summary())
+    typer.echo(load_dataset(dataset, root).summary())
 
 
 @data_app.command("manifest")
@@ -55,19 +59,18 @@ def manifest(
     split_id: int = typer.Option(0, help="protocol split for viper / cuhk03"),
 ) -> None:
     """Write a dataset's manifests (optionally uploading its images) for `data.manifests=` runs."""
-    from .. import storage
-    from ..data import DatasetError, load_dataset
+    from ..data import load_dataset
     from ..data.manifests import upload_dataset, write_manifests
+    from ..validate import check_folder
 
-    try:
-        kwargs = {"split_id": split_id} if dataset in ("viper", "cuhk03") else {}
-        ds = load_dataset(dataset, root, **kwargs)
-        if upload_images:
-            ds = upload_dataset(ds, upload_images)
-        uris = write_manifests(ds, output)
-    except (DatasetError, storage.StorageError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from e
+    check_folder(output, "--output", must_exist=False)
+    if upload_images:
+        check_folder(upload_images, "--upload-images", must_exist=False)
+    kwargs = {"split_id": split_id} if dataset in ("viper", "cuhk03") else {}
+    ds = load_dataset(dataset, root, **kwargs)
+    if upload_images:
+        ds = upload_dataset(ds, upload_images)
+    uris = write_manifests(ds, output)
     typer.echo(ds.summary())
     for split, uri in uris.items():
         typer.echo(f"{split}: {uri}")

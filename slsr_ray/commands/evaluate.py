@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import typer
 
@@ -54,6 +56,7 @@ def evaluate_command(
 ) -> None:
     """Evaluate query vs gallery features (Market-1501 rules) and print R1/R5/R10/R20/mAP/mINP."""
     from .. import storage
+    from ..errors import as_config_error, check_option
     from ..evaluate import (
         RankResult,
         evaluate_features,
@@ -64,11 +67,15 @@ def evaluate_command(
         re_ranking_features,
     )
 
-    try:
-        if metric not in ("euclidean", "cosine"):
-            raise ValueError(f"--metric must be 'euclidean' or 'cosine', got {metric!r}")
-        if multi_query and multi_query not in ("max", "mean"):
-            raise ValueError(f"--multi-query must be 'max' or 'mean', got {multi_query!r}")
+    check_option(metric in ("euclidean", "cosine"), "--metric", "euclidean or cosine", metric)
+    check_option(not multi_query or multi_query in ("max", "mean"), "--multi-query", "max or mean", multi_query)
+    check_option(max_rank >= 1 and k1 >= 1 and k2 >= 1, "--max-rank/--k1/--k2", "positive integers",
+                 (max_rank, k1, k2))
+    check_option(0 <= lambda_value <= 1, "--lambda", "a number in [0, 1]", lambda_value)
+    for flag, target in (("--out", out), ("--plot", plot)):  # before computing anything
+        check_option(not target or storage.is_s3(target) or not os.path.isdir(target), flag,
+                     "a file path, not a folder", target)
+    with as_config_error("--features"):
         data = load_feature_table(features)
         ids = (data["q_pids"], data["g_pids"], data["q_camids"], data["g_camids"])
         results = {"single-query": RankResult.from_metrics(
@@ -80,9 +87,6 @@ def evaluate_command(
         if rerank:
             dist = re_ranking_features(data["qf"], data["gf"], k1, k2, lambda_value, metric=metric)
             results["re-ranked"] = RankResult.from_metrics(evaluate_rank(dist, *ids, max_rank=max_rank), "re-ranked")
-    except (ValueError, storage.StorageError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from e
     typer.echo(f"{len(data['qf'])} queries x {len(data['gf'])} gallery, metric {metric}")
     typer.echo(format_table(results))
     if out:

@@ -7,6 +7,9 @@ import json
 
 import typer
 
+from .. import storage
+from ..errors import check_option
+
 
 def _init_ray() -> None:
     import ray
@@ -33,32 +36,30 @@ def extract(
     decode: str = typer.Option("auto", help="where images are decoded: auto, tasks or actor"),
 ) -> None:
     """Extract one feature per image with Ray Data and a pool of model actors."""
-    from ..data import DatasetError, load_dataset
-    from ..extract import ExtractConfig, ExtractError, extract_features
+    from ..data import load_dataset
+    from ..errors import as_config_error
+    from ..extract import ExtractConfig, extract_features, read_manifest
     from ..models import ModelConfig
-    from ..storage import StorageError
+    from ..validate import check_folder, check_model_checkpoint
 
     if (manifest is None) == (dataset is None):
         raise typer.BadParameter("give exactly one of --manifest or --dataset (with --root)")
     if (checkpoint is None) == (not random_init):
         raise typer.BadParameter("give exactly one of --checkpoint or --random-init")
-    try:
+    if dataset is not None and root is None:
+        raise typer.BadParameter("--dataset needs --root")
+    check_option(split in ("train", "query", "gallery"), "--split", "train, query or gallery", split)
+    with as_config_error("extract options"):
         cfg = ExtractConfig(batch_size=batch_size, num_actors=num_actors, num_gpus=num_gpus, feature=feature,
                             height=height, width=width, decode=decode)
-        source = manifest
-        if dataset is not None:
-            if root is None:
-                raise typer.BadParameter("--dataset needs --root")
-            ds = load_dataset(dataset, root)
-            if split not in ("train", "query", "gallery"):
-                raise typer.BadParameter(f"--split must be train, query or gallery, got {split!r}")
-            source = getattr(ds, split)
         model = checkpoint if checkpoint is not None else ModelConfig(backbone=backbone)
-        _init_ray()
-        out = extract_features(source, model, output, cfg)
-    except (ExtractError, DatasetError, StorageError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from e
+    # every input is checked on the driver before Ray starts and before the output folder is touched
+    check_folder(output, "--output", must_exist=False)
+    source = read_manifest(manifest) if manifest is not None else getattr(load_dataset(dataset, root), split)
+    if checkpoint is not None:
+        check_model_checkpoint(checkpoint, "--checkpoint")
+    _init_ray()
+    out = extract_features(source, model, output, cfg)
     typer.echo(f"features written to {out}")
 
 
@@ -76,21 +77,33 @@ def cluster(
 ) -> None:
     """k-means for each K, the silhouette table (paper's Table 2) and the S_c membership artifact."""
     from ..cluster import ClusteringError, run_clustering
-    from ..storage import StorageError
+    from ..staging import staged_folder
+    from ..validate import MEMBERSHIP_RULES, check_folder
 
     try:
         k = [*k, *(int(a) for a in ctx.args)]
     except ValueError as e:
         raise typer.BadParameter(f"--k takes integers, got extra arguments {ctx.args}") from e
-    try:
-        _init_ray()
-        summary = run_clustering(features, output, ks=k, rule=rule, min_share=min_share, n_init=n_init,
+    check_option(all(v >= 2 for v in k), "--k", "cluster counts >= 2", k)
+    check_option(rule in MEMBERSHIP_RULES, "--rule", "one of " + ", ".join(MEMBERSHIP_RULES), rule)
+    check_option(0 < min_share <= 1, "--min-share", "a share in (0, 1]", min_share)
+    check_option(n_init >= 1 and max_iter >= 1, "--n-init/--max-iter", "at least 1", (n_init, max_iter))
+    check_option(sample_size == 0 or sample_size >= 2, "--sample-size", "0 (all points) or at least 2", sample_size)
+    check_folder(output, "--output", must_exist=False)
+    if not storage.exists(storage.join(features, "_SUCCESS")):
+        raise ClusteringError(f"{features} is not a finished feature extraction (no _SUCCESS marker)",
+                              where="--features", expected="a folder written by `slsr extract`")
+    _init_ray()
+    # the result is swapped in when complete: a failure never costs an earlier clustering in OUTPUT
+    with staged_folder(output, owned=_is_cluster_entry) as stage:
+        summary = run_clustering(features, stage, ks=k, rule=rule, min_share=min_share, n_init=n_init,
                                  max_iter=max_iter, seed=seed, sample_size=sample_size or None)
-    except (ClusteringError, StorageError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from e
     typer.echo(summary["table"])
     typer.echo(json.dumps({"best_k": summary["best_k"], "output": output}))
+
+
+def _is_cluster_entry(name: str) -> bool:
+    return name in ("summary.json", "silhouette.json") or (name[:1] == "k" and name[1:].isdigit())
 
 
 def register(app) -> None:

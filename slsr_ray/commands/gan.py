@@ -35,19 +35,21 @@ def train(
     on_unreadable: str = typer.Option("skip", help="unreadable images: skip or error"),
 ) -> None:
     """Train one DCGAN per cluster, all at once as Ray actors; prints per-cluster results as JSON."""
-    from ..gan import GanConfig, GanError, train_gans
+    from ..errors import as_config_error
+    from ..gan import GanConfig, load_assignments, train_gans
+    from ..validate import check_folder
 
-    try:
+    with as_config_error("gan options"):
         cfg = GanConfig(
             image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, beta1=beta1, ngf=ngf, ndf=ndf,
             d_activation=d_activation, num_gpus=num_gpus, max_restarts=max_restarts, seed=seed,
             min_images=min_images, on_unreadable=on_unreadable,
         )
-        _ensure_ray()
-        results = train_gans(clusters, output, cfg)
-    except (GanError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from e
+    # OUTPUT holds resumable checkpoints (updated in place, each file atomically): check the inputs first
+    check_folder(output, "--output", must_exist=False)
+    load_assignments(clusters)
+    _ensure_ray()
+    results = train_gans(clusters, output, cfg)
     keep = ("epochs", "num_images", "unreadable", "loss_d", "loss_g", "wall_s", "checkpoint")
     typer.echo(json.dumps({c: {k: r[k] for k in keep} for c, r in results.items()}, indent=2))
 
@@ -64,20 +66,24 @@ def generate(
     batch_size: int = typer.Option(64),
 ) -> None:
     """Generate COUNT images from the per-cluster GANs; resumable; prints the manifest URI."""
-    from ..gan import GanError
-    from ..generate import generate_images
+    from .. import storage
+    from ..errors import as_config_error, check_option
+    from ..generate import find_checkpoints, generate_images
+    from ..validate import GENERATE_SPLITS, check_folder
 
-    if count <= 0:
-        typer.echo(f"error: --count must be a positive number of images, got {count}", err=True)
-        raise typer.Exit(2)
-    try:
-        _ensure_ray()
+    check_option(count > 0, "--count", "a positive number of images", count)
+    check_option(split in GENERATE_SPLITS, "--split", " or ".join(GENERATE_SPLITS), split)
+    check_option(height >= 1 and width >= 1 and batch_size >= 1, "--height/--width/--batch-size",
+                 "positive numbers", (height, width, batch_size))
+    # OUTPUT is resumable (images already there are kept): check the inputs before touching it
+    check_folder(output, "--output", must_exist=False)
+    storage.require_folder(gan_dir, "--gan-dir", "a folder written by `slsr gan train`")
+    find_checkpoints(storage.absolute(gan_dir))  # GanCheckpointError when there are none
+    _ensure_ray()
+    with as_config_error("gan generate options"):
         manifest = generate_images(
             gan_dir, output, count, split=split, seed=seed, image_size=(height, width), batch_size=batch_size
         )
-    except (GanError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from e
     typer.echo(manifest)
 
 

@@ -1,18 +1,60 @@
-"""``slsr run``, ``slsr demo``, ``slsr status`` and ``slsr report``."""
+"""``slsr run``, ``slsr check``, ``slsr demo``, ``slsr status`` and ``slsr report``.
+
+Errors reach the user through the CLI's one error path (:mod:`slsr_ray.cli`): one line, exit 2.
+"""
 
 from __future__ import annotations
 
 import typer
 
 from .. import storage
-from ..config import ConfigError
 
 SET_HELP = "override a config field, e.g. --set train.epochs=5 --set cluster.k=3 (repeatable)"
 
 
-def _fail(e: Exception) -> None:
-    typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(2) from e
+def stage_plan(cfg, from_stage: str | None = None, until: str | None = None) -> list[dict]:
+    """What ``run_pipeline`` would do with each stage key, by its rules: a stage whose marker holds
+    the expected hash is skipped, ``--from`` forces its stage and everything after, ``--until`` stops
+    after its stage. Rows: ``{"stage", "action": "skip" | "run" | "-", "why"}``."""
+    from ..pipeline import plan, stage_hashes
+    from ..stages import record_state
+
+    hashes = stage_hashes(cfg)
+    rows, forced, stopped = [], False, False
+    for key, _ in plan(cfg):
+        family = key.split("/", 1)[0]
+        if stopped:
+            rows.append({"stage": key, "action": "-", "why": f"after --until {until}"})
+            continue
+        forced = forced or (from_stage is not None and family == from_stage)
+        state, _ = record_state(cfg.run_root, key, hashes[key]) if storage.exists(cfg.run_root) else ("pending", None)
+        if forced:
+            rows.append({"stage": key, "action": "run", "why": f"forced by --from {from_stage} (was {state})"})
+        elif state == "done":
+            rows.append({"stage": key, "action": "skip", "why": "done, config unchanged"})
+        else:
+            why = {"stale": "config changed since it ran", "corrupt": "its marker is damaged"}.get(state, "not run yet")
+            rows.append({"stage": key, "action": "run", "why": why})
+        stopped = until is not None and family == until
+    return rows
+
+
+def _checked_config(config: str, run_root: str | None, overrides: list[str], from_stage: str | None,
+                    until: str | None):
+    """The config, with everything it names checked (before Ray starts or anything is written)."""
+    from ..pipeline import load_config
+    from ..validate import validate_config
+
+    cfg = load_config(config, overrides, run_root)
+    validate_config(cfg, check_inputs=True, from_stage=from_stage, until=until)
+    return cfg
+
+
+def _echo_plan(cfg, from_stage: str | None, until: str | None) -> None:
+    typer.echo(f"config valid; run root {cfg.run_root}")
+    words = {"skip": "done (skip)", "run": "would run", "-": "not run"}
+    for r in stage_plan(cfg, from_stage, until):
+        typer.echo(f"{r['stage']:<22} {words[r['action']]:<12} {r['why']}")
 
 
 def run(
@@ -22,18 +64,29 @@ def run(
     from_stage: str = typer.Option(None, "--from", help="rerun this stage and everything after it"),
     until: str = typer.Option(None, "--until", help="stop after this stage"),
     address: str = typer.Option(None, "--address", help="Ray address (default: start a local Ray or use RAY_ADDRESS)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="check everything, print what would run, and exit"),
 ) -> None:
     """Run (or resume) the whole SLSR pipeline."""
-    from ..data import DatasetError
-    from ..pipeline import load_config, run_pipeline
+    from ..pipeline import run_pipeline
     from ..raysetup import init_ray
 
-    try:
-        cfg = load_config(config, overrides, run_root)
-        init_ray(address)
-        run_pipeline(cfg, from_stage=from_stage, until=until)
-    except (ConfigError, DatasetError, storage.StorageError) as e:
-        _fail(e)
+    cfg = _checked_config(config, run_root, overrides, from_stage, until)
+    if dry_run:
+        _echo_plan(cfg, from_stage, until)
+        return
+    init_ray(address)
+    run_pipeline(cfg, from_stage=from_stage, until=until)
+
+
+def check(
+    config: str = typer.Option("synthetic", "--config", "-c", help="preset name or YAML path/URI"),
+    run_root: str = typer.Option(None, "--run-root", "-o", help="local folder or s3://bucket/prefix"),
+    overrides: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
+    from_stage: str = typer.Option(None, "--from", help="rerun this stage and everything after it"),
+    until: str = typer.Option(None, "--until", help="stop after this stage"),
+) -> None:
+    """Check a run's config and inputs and print which stages would run (= ``slsr run --dry-run``)."""
+    _echo_plan(_checked_config(config, run_root, overrides, from_stage, until), from_stage, until)
 
 
 def demo(
@@ -41,17 +94,15 @@ def demo(
     overrides: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
 ) -> None:
     """The whole method on a small synthetic dataset on a local Ray (a few minutes on 2 CPUs)."""
-    run(config="synthetic", run_root=run_root, overrides=overrides, from_stage=None, until=None, address=None)
+    run(config="synthetic", run_root=run_root, overrides=overrides, from_stage=None, until=None, address=None,
+        dry_run=False)
 
 
 def status(run_root: str = typer.Argument(..., help="the run root of a pipeline run")) -> None:
-    """Which stages of a run are done, stale (config changed) or pending."""
+    """Which stages of a run are done, stale (config changed), corrupt (damaged marker) or pending."""
     from ..pipeline import pipeline_status
 
-    try:
-        rows = pipeline_status(run_root)
-    except (ConfigError, storage.StorageError) as e:
-        _fail(e)
+    rows = pipeline_status(run_root)
     typer.echo(f"{'stage':<22} {'state':<8} {'seconds':>8}  finished")
     for r in rows:
         secs = f"{r['seconds']:.1f}" if r["seconds"] is not None else "-"
@@ -60,20 +111,16 @@ def status(run_root: str = typer.Argument(..., help="the run root of a pipeline 
 
 def report(run_root: str = typer.Argument(..., help="the run root of a pipeline run")) -> None:
     """(Re)write the run report (Markdown, JSON, PNG plots) from a run's artifacts."""
-    from ..config import from_dict
-    from ..pipeline import PipelineConfig
+    from ..pipeline import read_run_config
     from ..report import write_report
 
-    try:
-        cfg = from_dict(PipelineConfig, storage.read_json(storage.join(run_root, "config.json")))
-        cfg.run_root = run_root
-        write_report(cfg)
-    except (ConfigError, storage.StorageError) as e:
-        _fail(e)
+    storage.require_folder(run_root, "run root", "the run root of a pipeline run")
+    write_report(read_run_config(storage.absolute(run_root)))
 
 
 def register(app: typer.Typer) -> None:
     app.command("run")(run)
+    app.command("check")(check)
     app.command("demo")(demo)
     app.command("status")(status)
     app.command("report")(report)

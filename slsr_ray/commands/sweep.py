@@ -11,9 +11,6 @@ import sys
 
 import typer
 
-from .. import storage
-from ..config import ConfigError
-
 SET_HELP = "override a pipeline config field, e.g. --set train.epochs=5 (repeatable)"
 MULTI_OPTIONS = {"--k": "--k", "--lambda": "--lambda", "--lam": "--lambda", "--generated": "--generated",
                  "--lr": "--lr"}
@@ -64,24 +61,23 @@ def sweep(
 ) -> None:
     """Search K x lambda x generated count (x lr) with Ray Tune; writes a Table-4-like results table,
     a heatmap and the best config under <run-root>/sweep/."""
-    from ..data import DatasetError
+    from ..errors import as_config_error
     from ..pipeline import load_config
     from ..raysetup import init_ray
     from ..tune import SweepConfig, run_sweep
+    from ..validate import validate_config
 
-    try:
-        cfg = load_config(config, overrides, run_root)
+    cfg = load_config(config, overrides, run_root)
+    with as_config_error("sweep options"):
         sc = SweepConfig(
             ks=ks, lams=lams, generated=generated, lrs=lrs or None, search=search, num_samples=samples, asha=asha,
             report_every=report_every, max_concurrent_trials=concurrent, trial_cpus=trial_cpus,
             train_workers=train_workers, cpus_per_worker=cpus_per_worker, val_fraction=val_fraction, seed=seed,
             retrain_best=retrain_best, retry_failed=retry_failed,
         )
-        init_ray(address)
-        run_sweep(cfg, sc, resume=resume, echo=typer.echo)
-    except (ConfigError, DatasetError, storage.StorageError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from e
+    validate_config(cfg, check_inputs=True)  # before Ray starts
+    init_ray(address)
+    run_sweep(cfg, sc, resume=resume, echo=typer.echo)
 
 
 def register(app: typer.Typer) -> None:

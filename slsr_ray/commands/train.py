@@ -7,6 +7,8 @@ import json
 
 import typer
 
+from ..errors import check_option
+
 
 def train(
     dataset: str = typer.Option(..., "--dataset", "-d", help="market1501, dukemtmcreid, msmt17, cuhk03, viper, folder, synthetic"),
@@ -43,15 +45,15 @@ def train(
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from ..data import DatasetError, load_dataset
-    from ..labels import LabelError
-    from ..models import ModelConfig, WeightsError
-    from ..train import TrainConfig, TrainingDivergedError, evaluate_checkpoint, run_training
+    from ..data import load_dataset
+    from ..errors import as_config_error
+    from ..models import ModelConfig
+    from ..train import TrainConfig, evaluate_checkpoint, run_training
+    from ..validate import check_backbone_weights, check_folder, check_model_checkpoint
 
     if strategy == "slsr" and (not generated or not clusters):
         raise typer.BadParameter("--strategy slsr needs --generated MANIFEST and --clusters MEMBERSHIP_JSON")
-    try:
-        ds = load_dataset(dataset, root)
+    with as_config_error("train options"):
         cfg = TrainConfig(
             epochs=epochs, batch_size=batch_size, lr=lr, lr_policy=lr_policy, lam=lam, epsilon=epsilon,
             strategy=strategy, generated_ratio=generated_ratio, num_workers=workers, use_gpu=gpu,
@@ -59,12 +61,18 @@ def train(
             loader_workers=loader_workers, max_failures=max_failures, seed=seed,
             model=ModelConfig(backbone=backbone, pretrained=pretrained, noise_layer=noise_layer),
         )  # fmt: skip
-        result = run_training(
-            cfg, ds.train, output, generated_manifest=generated, membership=clusters, init_checkpoint=init
-        )
-    except (DatasetError, LabelError, WeightsError, TrainingDivergedError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from e
+    check_option(0 <= lam <= 1, "--lam", "a number in [0, 1]", lam)
+    check_option(0 <= erasing_p <= 1, "--erasing-p", "a probability in [0, 1]", erasing_p)
+    # OUTPUT holds resumable Ray Train checkpoints: every input is checked before Ray starts
+    check_folder(output, "--output", must_exist=False)
+    if pretrained:
+        check_backbone_weights(pretrained, backbone, "--pretrained")
+    if init:
+        check_model_checkpoint(init, "--init")
+    ds = load_dataset(dataset, root)
+    result = run_training(
+        cfg, ds.train, output, generated_manifest=generated, membership=clusters, init_checkpoint=init
+    )
     for m in result.metrics:
         typer.echo(
             f"epoch {m['epoch'] + 1:>4}  loss {m['loss']:.4f}  train-acc {m['train_acc']:.3f}  "

@@ -38,15 +38,17 @@ def load_dataset(
     name = name.lower().replace("-", "").replace("_", "")
     # absolute: manifests are read by Ray workers whose working directory is not the caller's
     root = os.path.abspath(os.fspath(root))
+    loader = getattr(datasets, f"load_{name}", None)
+    if name not in DATASETS or (loader is None and name != "synthetic"):
+        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if os.path.isfile(root):
+        raise DatasetError(f"dataset root {root} is a file", where="root", expected="a folder")
     if name == "synthetic":
         if not os.path.isdir(os.path.join(root, "bounding_box_train")):
             make_synthetic(root, **kwargs)
         ds = datasets.load_market1501(root)
         ds.name = "synthetic"
         return _checked(ds, on_bad_images)
-    loader = getattr(datasets, f"load_{name}", None)
-    if name not in DATASETS or loader is None:
-        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if not os.path.isdir(root):
         raise DatasetError(f"dataset root {root} does not exist")
     return _checked(loader(root, **kwargs), on_bad_images)

@@ -26,6 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..errors import SlsrError
+
 MANIFEST_SCHEMA = pa.schema(
     [
         ("path", pa.string()),
@@ -37,12 +39,29 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 
-class DatasetError(ValueError):
+class DatasetError(SlsrError, ValueError):
     """A dataset root is missing, has the wrong layout, or holds files that do not parse."""
+
+
+INT64_MAX = 2**63 - 1
+
+
+def check_id(value: int, where: str, what: str = "pid") -> int:
+    """A pid (>= 0, or -1 for junk) or camera id (>= 0) that fits the manifest's int64 column."""
+    low = -1 if what == "pid" else 0
+    if not low <= value <= INT64_MAX:
+        expected = "an identity >= 0 (or -1 for junk images)" if what == "pid" else "a camera number >= 0"
+        shown = str(value) if len(str(value)) <= 30 else str(value)[:27] + "..."
+        raise DatasetError(f"{what} {shown} out of range", where=where, expected=f"{expected} that fits in 64 bits")
+    return value
 
 
 def make_table(paths: list[str], pids: list[int], camids: list[int]) -> pa.Table:
     n = len(paths)
+    for name, values in (("pid", pids), ("camid", camids)):
+        bad = next((v for v in values if not -1 <= v <= INT64_MAX), None) if values else None
+        if bad is not None:  # the parsers check with the file name; this is the backstop
+            raise DatasetError(f"{name} {bad} out of range", expected="an id that fits in 64 bits (>= -1)")
     return pa.table(
         {
             "path": pa.array(paths, pa.string()),

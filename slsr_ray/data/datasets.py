@@ -21,15 +21,18 @@ folder         see :func:`load_folder`
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 import re
+import warnings
 
 import numpy as np
 
 from .base import (
     DatasetError,
     ReidDataset,
+    check_id,
     check_unique_paths,
     make_table,
     relabel,
@@ -38,7 +41,7 @@ from .base import (
 )
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
-_MARKET_RE = re.compile(r"^([-\d]+)_c(\d+)")
+_MARKET_RE = re.compile(r"^(-?\d+)_c(\d+)")
 
 
 def _find_top(root: str, candidates: tuple[str, ...], marker: str) -> str:
@@ -55,7 +58,14 @@ def _find_top(root: str, candidates: tuple[str, ...], marker: str) -> str:
 
 
 def _list_images(folder: str) -> list[str]:
-    return sorted(p for p in glob.glob(os.path.join(folder, "*")) if p.lower().endswith(IMAGE_EXTS))
+    """Image files of ``folder`` by extension; a dangling symlink is not an image (warned about)."""
+    named = sorted(p for p in glob.glob(os.path.join(folder, "*")) if p.lower().endswith(IMAGE_EXTS))
+    images = [p for p in named if os.path.isfile(p)]
+    if len(images) < len(named):
+        broken = [p for p in named if not os.path.isfile(p)]
+        warnings.warn(f"{folder}: skipping {len(broken)} image name(s) that are not files (dangling symlinks?): "
+                      + ", ".join(os.path.basename(p) for p in broken[:5]), stacklevel=2)
+    return images
 
 
 def parse_market_style(folder: str, *, relabel_ids: bool, drop_distractors: bool, max_cam: int):
@@ -71,7 +81,7 @@ def parse_market_style(folder: str, *, relabel_ids: bool, drop_distractors: bool
             raise DatasetError(
                 f"cannot parse file name {p!r}: expected '<pid>_c<camera>...' as in 0002_c1s1_000451_03.jpg"
             )
-        pid, cam = int(m.group(1)), int(m.group(2))
+        pid, cam = check_id(int(m.group(1)), p), int(m.group(2))
         if pid == -1:
             continue  # junk
         if pid == 0 and drop_distractors:
@@ -182,7 +192,7 @@ def _read_msmt_list(list_path: str, image_dir: str):
             if len(fields) != 2 or not fields[1].lstrip("-").isdigit():
                 raise DatasetError(f"{list_path}:{line_no}: expected '<relative path> <pid>', got {line!r}")
             paths.append(resolve_under(image_dir, fields[0], f"{list_path}:{line_no}"))
-            pids.append(int(fields[1]))
+            pids.append(check_id(int(fields[1]), f"{list_path}:{line_no}"))
             camids.append(_msmt_camid(fields[0], list_path, line_no))
     if paths and not os.path.exists(paths[0]):
         raise DatasetError(
@@ -542,7 +552,7 @@ def _folder_from_tree(split_dir: str) -> tuple[list[str], list[int], list[int]]:
             continue
         if not entry.lstrip("-").isdigit():
             raise DatasetError(f"{pid_dir}: identity folders must be named by an integer pid (e.g. 0042)")
-        pid = int(entry)
+        pid = check_id(int(entry), pid_dir)
         for p in _list_images(pid_dir):
             m = _FOLDER_CAM_RE.match(os.path.basename(p))
             if m is None:
@@ -552,35 +562,64 @@ def _folder_from_tree(split_dir: str) -> tuple[list[str], list[int], list[int]]:
                 )
             paths.append(p)
             pids.append(pid)
-            cams.append(int(m.group(1)))
+            cams.append(check_id(int(m.group(1)), p, "camera"))
     return paths, pids, cams
 
 
 def _folder_from_csv(csv_path: str, root: str) -> tuple[list[str], list[int], list[int]]:
+    """Rows of a ``path,pid,camid`` CSV: every row has exactly the header's fields, integer ids in
+    range, and (for local paths) an image file that exists."""
     import csv
 
-    paths, pids, cams = [], [], []
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"path", "pid", "camid"} - set(reader.fieldnames or [])
-        if missing:
-            raise DatasetError(
-                f"{csv_path}: missing columns {sorted(missing)}; expected a header path,pid,camid"
-            )
-        for line_no, row in enumerate(reader, 2):
-            try:
-                pid, cam = int(row["pid"]), int(str(row["camid"]).lstrip("cC"))
-            except (TypeError, ValueError):
-                raise DatasetError(
-                    f"{csv_path}:{line_no}: pid and camid must be integers, got {row}"
-                ) from None
-            path = row["path"]
-            if not (os.path.isabs(path) or path.startswith("s3://")):
-                path = resolve_under(root, path, f"{csv_path}:{line_no}")
-            paths.append(path)
-            pids.append(pid)
-            cams.append(cam)
+    expected = "a UTF-8 CSV file with a header path,pid,camid"
+    try:
+        with open(csv_path, encoding="utf-8", newline="") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{csv_path} is not UTF-8 text (byte {e.start}: {e.reason})", expected=expected) from None
+    if "\0" in text:
+        raise DatasetError(f"{csv_path} holds NUL bytes (a binary file?)", expected=expected)
+    rows = csv.reader(io.StringIO(text))
+    header = [h.strip() for h in next(rows, [])]
+    missing = {"path", "pid", "camid"} - set(header)
+    if missing:
+        raise DatasetError(f"{csv_path}: missing columns {sorted(missing)}; expected a header path,pid,camid")
+    col = {name: header.index(name) for name in ("path", "pid", "camid")}
+    paths, pids, cams, lines = [], [], [], []
+    for line_no, row in enumerate(rows, 2):
+        if not row:
+            continue
+        where = f"{csv_path}:{line_no}"
+        if len(row) != len(header):
+            raise DatasetError(f"{len(row)} fields in a row", where=where,
+                               expected=f"{len(header)} fields as in the header {','.join(header)}, got {row}")
+        try:
+            pid, cam = int(row[col["pid"]]), int(row[col["camid"]].strip().lstrip("cC"))
+        except ValueError:
+            raise DatasetError(f"{where}: pid and camid must be integers, got {row}") from None
+        path = row[col["path"]].strip()
+        if not path:
+            raise DatasetError("empty path", where=where, expected="an image path")
+        if not (os.path.isabs(path) or path.startswith("s3://")):
+            path = resolve_under(root, path, where)
+        paths.append(path)
+        pids.append(check_id(pid, where))
+        cams.append(check_id(cam, where, "camera"))
+        lines.append(line_no)
+    _check_listed_files(csv_path, paths, lines)
     return paths, pids, cams
+
+
+def _check_listed_files(csv_path: str, paths: list[str], lines: list[int], show: int = 3) -> None:
+    from .. import storage
+
+    local = [p for p in paths if not p.startswith("s3://")]
+    missing = set(storage.missing_files(local))
+    if missing:
+        listed = [f"line {n}: {p}" for p, n in zip(paths, lines, strict=True) if p in missing][:show]
+        more = f" and {len(missing) - show} more" if len(missing) > show else ""
+        raise DatasetError(f"{len(missing)} listed image(s) do not exist ({'; '.join(listed)}{more})",
+                           where=csv_path, expected="every listed path to be an image file")
 
 
 def load_folder(root: str, **_) -> ReidDataset:

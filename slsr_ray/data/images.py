@@ -8,9 +8,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .. import storage
+from ..errors import SlsrError
 
 
-class ImageReadError(ValueError):
+class ImageReadError(SlsrError, ValueError):
     """An image file is missing, empty or cannot be decoded."""
 
 

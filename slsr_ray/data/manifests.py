@@ -12,19 +12,26 @@ from __future__ import annotations
 import os
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from .. import storage
-from .base import ReidDataset, to_manifest
+from ..staging import staged_folder
+from .base import DatasetError, ReidDataset, to_manifest
 
 SPLITS = ("train", "query", "gallery")
 
 
 def upload_dataset(ds: ReidDataset, dest: str) -> ReidDataset:
     """Copy the dataset folder ``ds.root`` to ``dest`` (``s3://`` or a local folder) and point the
-    manifests at the copies."""
+    manifests at the copies. Every manifest path must lie under ``ds.root`` (or already be ``s3://``),
+    and every rebased path is checked to exist at ``dest`` afterwards: the manifests never list an
+    image that was not uploaded."""
     src = os.path.abspath(ds.root)
+    outside = [p for s in SPLITS for p in getattr(ds, s)["path"].to_pylist()
+               if not p.startswith("s3://") and os.path.commonpath([src, os.path.abspath(p)]) != src]
+    if outside:
+        raise DatasetError(f"{len(outside)} image(s) lie outside the dataset root, e.g. {outside[0]}",
+                           where="--upload-images", expected=f"images under {src} (only that folder is copied)")
     fs, path = storage.filesystem(dest)
     if storage.is_s3(dest):
         storage.check_s3_credentials()
@@ -35,18 +42,23 @@ def upload_dataset(ds: ReidDataset, dest: str) -> ReidDataset:
     dest = storage.absolute(dest).rstrip("/")
 
     def rebase(t: pa.Table) -> pa.Table:
-        new = pc.replace_substring(t["path"], src, dest)
-        return t.set_column(t.schema.get_field_index("path"), "path", new)
+        new = [dest + p[len(src):] if not p.startswith("s3://") else p for p in t["path"].to_pylist()]
+        return t.set_column(t.schema.get_field_index("path"), "path", pa.array(new, pa.string()))
 
-    return ReidDataset(name=ds.name, root=dest, train=rebase(ds.train), query=rebase(ds.query),
-                       gallery=rebase(ds.gallery), extra=ds.extra)
+    out = ReidDataset(name=ds.name, root=dest, train=rebase(ds.train), query=rebase(ds.query),
+                      gallery=rebase(ds.gallery), extra=ds.extra)
+    missing = storage.missing_files([p for s in SPLITS for p in getattr(out, s)["path"].to_pylist()])
+    if missing:
+        raise storage.StorageError(f"{len(missing)} image(s) are missing after the upload, e.g. {missing[0]}",
+                                   where=dest, expected="every manifest image copied (is a source file unreadable?)")
+    return out
 
 
 def write_manifests(ds: ReidDataset, out: str) -> dict[str, str]:
-    """Write ``{train,query,gallery}.parquet`` under ``out``; returns their URIs."""
-    uris = {}
-    for split in SPLITS:
-        uri = storage.join(out, f"{split}.parquet")
-        storage.write_table(uri, to_manifest(getattr(ds, split)))
-        uris[split] = uri
-    return uris
+    """Write ``{train,query,gallery}.parquet`` under ``out`` (staged: all three or none replace the
+    previous ones; other files in ``out`` are kept); returns their URIs."""
+    names = {f"{split}.parquet" for split in SPLITS}
+    with staged_folder(out, owned=lambda name: name in names) as tmp:
+        for split in SPLITS:
+            storage.write_table(storage.join(tmp, f"{split}.parquet"), to_manifest(getattr(ds, split)))
+    return {split: storage.join(storage.absolute(out), f"{split}.parquet") for split in SPLITS}

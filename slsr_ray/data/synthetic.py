@@ -26,6 +26,13 @@ import os
 import numpy as np
 from PIL import Image, ImageFilter
 
+from ..staging import staged_folder
+from .base import DatasetError
+
+SUMMARY_FILE = "synthetic.json"  # written last: its presence marks a complete dataset
+OWNED = ("bounding_box_train", "bounding_box_test", "query", SUMMARY_FILE)
+MIN_SIDE = 16  # the renderer's body parts and clutter need this many pixels
+
 PALETTE = np.array(
     [
         [200, 30, 30], [30, 60, 190], [40, 150, 60], [230, 200, 40], [240, 240, 235], [25, 25, 30],
@@ -159,15 +166,35 @@ def make_synthetic(
     go to the gallery, with ``num_distractors`` images of pid 0000 and ``num_junk`` of pid -1 added.
     ``size`` is (height, width). Deterministic for a given ``seed``.
     """
-    root = os.fspath(root)
-    if num_ids < 2:
-        raise ValueError(f"num_ids must be >= 2 (got {num_ids}): train and test need one identity each")
-    if cams < 2 or cams > 9:
-        raise ValueError(f"cams must be in 2..9 (got {cams}): Market file names hold one camera digit")
-    if images_per_id < 2:
-        raise ValueError(f"images_per_id must be >= 2 (got {images_per_id}): a query needs a gallery match")
+    root = os.path.abspath(os.fspath(root))
+    _check_params(root, num_ids, cams, images_per_id, seed, size, num_distractors, num_junk, overwrite)
+    # Written into a staging folder and swapped in when complete: a failure (or --overwrite) never
+    # leaves a half-written dataset or costs the previous one.
+    with staged_folder(root, marker=SUMMARY_FILE, owned=lambda name: name in OWNED) as stage:
+        summary = _write(stage, num_ids, cams, images_per_id, seed, size, num_distractors, num_junk)
+    return summary
+
+
+def _check_params(root, num_ids, cams, images_per_id, seed, size, num_distractors, num_junk, overwrite) -> None:
+    checks = [
+        (num_ids >= 2, "num_ids", ">= 2: train and test need one identity each", num_ids),
+        (2 <= cams <= 9, "cams", "2..9: Market file names hold one camera digit", cams),
+        (images_per_id >= 2, "images_per_id", ">= 2: a query needs a gallery match", images_per_id),
+        (seed >= 0, "seed", ">= 0", seed),
+        (min(size) >= MIN_SIDE, "size", f"(height, width) of at least {MIN_SIDE} pixels each", tuple(size)),
+        (num_distractors >= 0 and num_junk >= 0, "num_distractors/num_junk", ">= 0", (num_distractors, num_junk)),
+    ]
+    for ok, name, expected, got in checks:
+        if not ok:
+            raise DatasetError("invalid synthetic dataset setting", where=name, expected=f"expected {expected}, got {got!r}")
+    if os.path.isfile(root):
+        raise DatasetError(f"{root} is a file", where="root", expected="a folder for the dataset")
     if os.path.isdir(os.path.join(root, "bounding_box_train")) and not overwrite:
-        raise FileExistsError(f"{root} already holds a dataset; pass overwrite=True to replace it")
+        raise DatasetError(f"{root} already holds a dataset", where="root",
+                           expected="a new or empty folder; pass --overwrite (overwrite=True) to replace it")
+
+
+def _write(root: str, num_ids, cams, images_per_id, seed, size, num_distractors, num_junk) -> dict:
     h, w = size
     rng = np.random.default_rng(seed)
     cameras = [_camera(rng) for _ in range(cams)]
@@ -225,6 +252,6 @@ def make_synthetic(
         "num_junk": num_junk,
         "images": {k: len(os.listdir(v)) for k, v in dirs.items()},
     }
-    with open(os.path.join(root, "synthetic.json"), "w") as f:
+    with open(os.path.join(root, SUMMARY_FILE), "w") as f:
         json.dump(summary, f, indent=2)
     return summary

@@ -48,6 +48,7 @@ from torch import nn
 
 from .. import storage
 from ..config import from_known_fields
+from ..errors import SlsrError
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ FEATURES = ("pool", "bottleneck")
 NOISE_INIT_DIAGONAL = 0.999
 
 
-class WeightsError(ValueError):
+class WeightsError(SlsrError, ValueError):
     """A pretrained weights file or model checkpoint does not fit the model (wrong keys or shapes)."""
 
 

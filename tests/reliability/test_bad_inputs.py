@@ -27,6 +27,7 @@ import textwrap
 import threading
 import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -396,7 +397,8 @@ def test_failed_forced_rerun_leaves_no_stale_marker(tmp_path):
 
 def test_extraction_over_odd_images_and_over_a_corrupt_one(ray_session, tmp_path):
     """Odd-but-valid images (16-bit, palette, CMYK, 24 Mpixel) extract one row each; a corrupt image
-    stops the extraction with an error naming it, and the folder is not mistaken for a finished one."""
+    stops a rerun into the same folder with an error naming it, and the earlier extraction stays there,
+    complete and byte-identical (the rerun wrote into a staging folder that is deleted)."""
     files = {**ODD_BUT_VALID, "0003_c1s1_000030_00.jpg": corpus.image_bytes("CMYK"),
              "0003_c2s1_000031_00.png": corpus.image_bytes("LA", fmt="PNG")}
     paths = [corpus.write(tmp_path / "imgs" / name, data) for name, data in sorted(files.items())]
@@ -409,8 +411,10 @@ def test_extraction_over_odd_images_and_over_a_corrupt_one(ray_session, tmp_path
 
     bad = corpus.write(tmp_path / "imgs" / "0005_c1s1_000040_00.jpg", corpus.truncated_jpeg())
     manifest = pa.table({"path": [*paths, bad], "pid": list(range(len(paths) + 1)), "camid": [0] * (len(paths) + 1)})
+    before = {p.name: p.read_bytes() for p in Path(out).iterdir()}
     with pytest.raises(Exception, match=r"0005_c1s1_000040_00\.jpg.*truncated"):
         extract_features(manifest, model, out, cfg)
-    assert not is_complete(out)
+    assert is_complete(out) and {p.name: p.read_bytes() for p in Path(out).iterdir()} == before
+    assert sorted(os.listdir(tmp_path)) == ["features", "imgs"]  # no staging folder left behind
     with pytest.raises(ValueError, match="not a finished feature extraction"):
-        load_features(out)
+        load_features(tmp_path / "imgs")
