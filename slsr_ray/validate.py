@@ -283,6 +283,8 @@ def _ids_of_finished_prepare(cfg) -> tuple[int | None, str | None]:
     if not is_done(cfg.run_root, "prepare", stage_hashes(cfg)["prepare"]):
         return None, None
     uri = storage.join(cfg.run_root, "prepare", "train.parquet")
+    if not storage.exists(uri):
+        return None, None
     return _count_ids(uri), f"training identities in {uri}"
 
 
@@ -294,6 +296,8 @@ def _torch_load(uri: str, key: str, expected: str):
 
     from .models import WeightsError
 
+    if not storage.exists(uri):
+        raise WeightsError(f"{uri} does not exist", where=key, expected=expected)
     data = storage.read_bytes(uri)
     try:
         with warnings.catch_warnings():
@@ -356,8 +360,6 @@ def check_model_checkpoint(uri: str, key: str = "--checkpoint"):
     from .models import ModelConfig, WeightsError
 
     expected = "a slsr model checkpoint (model.pt written by pretraining or training)"
-    if not storage.exists(uri):
-        raise WeightsError(f"{uri} does not exist", where=key, expected=expected)
     blob = _torch_load(uri, key, expected)
     if not isinstance(blob, dict) or not isinstance(blob.get("state_dict"), dict) or not isinstance(
             blob.get("config"), dict):

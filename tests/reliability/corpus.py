@@ -111,3 +111,44 @@ def folder_csv_dataset(root: str | os.PathLike, train_rows: list[str], query_row
         with open(os.path.join(root, f"{split}.csv"), "w") as f:
             f.write("path,pid,camid\n" + "".join(r + "\n" for r in rows))
     return root
+
+
+def random_bytes(n: int = 4096, seed: int = 0) -> bytes:
+    """``n`` random bytes (``head -c 4096 /dev/urandom``, reproducibly)."""
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
+def torch_file(obj) -> bytes:
+    """``obj`` as ``torch.save`` writes it."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def resnet18_state_dict(break_key: str | None = None) -> dict:
+    """A torchvision resnet18 state dict (random weights); ``break_key``'s tensor gets a wrong shape."""
+    import torch
+    from torchvision import models
+
+    state = models.resnet18(weights=None).state_dict()
+    if break_key is not None:
+        state[break_key] = torch.zeros(3, 3)
+    return state
+
+
+def truncated(data: bytes, keep: float = 0.5) -> bytes:
+    """The first ``keep`` share of ``data`` (a write cut short)."""
+    return data[: int(len(data) * keep)]
+
+
+def market_file_tree(root: str | os.PathLike, names: list[str]) -> str:
+    """A Market-1501 tree holding exactly ``names`` in ``bounding_box_train`` (plus one query and two
+    gallery images), for file-name trials."""
+    root = os.fspath(root)
+    for i, name in enumerate(names):
+        write(os.path.join(root, "bounding_box_train", name), image_bytes(seed=i))
+    write(os.path.join(root, "query", "0003_c1s1_000005_00.jpg"), image_bytes(seed=50))
+    write(os.path.join(root, "bounding_box_test", "0003_c2s1_000006_00.jpg"), image_bytes(seed=51))
+    return root

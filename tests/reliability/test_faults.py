@@ -125,12 +125,14 @@ def killed_run(ray_session, tiny_overrides, tmp_path_factory):
     cmd = [sys.executable, "-m", "slsr_ray.cli", "run", "--run-root", run_root, "--until", "generate"]
     for o in overrides:
         cmd += ["--set", o]
-    features = Path(run_root) / "extract" / "features"  # made by the extract stage before Ray Data starts
+    # the extract stage writes into a staging folder next to extract/features, made before Ray Data starts
+    extract_dir = Path(run_root) / "extract"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline, caught = time.time() + 500, False
         while not caught and proc.poll() is None and time.time() < deadline:
-            caught = features.exists() and any(_running_a_batch(a["Pid"]) for a in _alive_extractor_actors())
+            staging = sorted(extract_dir.glob(".features.staging-*")) if extract_dir.exists() else []
+            caught = bool(staging) and any(_running_a_batch(a["Pid"]) for a in _alive_extractor_actors())
             time.sleep(0.05)
         if caught and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # the driver's own process group, nothing else
@@ -139,7 +141,7 @@ def killed_run(ray_session, tiny_overrides, tmp_path_factory):
     assert caught and proc.returncode == -signal.SIGKILL, f"the driver was not caught mid-extraction:\n{driver_log[-3000:]}"
     interrupted = read_record(run_root, "extract")
     before = {s: read_record(run_root, s) for s in FINISHED_BEFORE_KILL}
-    leftovers = sorted(p.name for p in features.iterdir())
+    leftovers = sorted(p.name for p in staging[0].iterdir())
 
     echoed: list[str] = []
     cfg = load_config("synthetic", overrides, run_root=run_root)
@@ -166,6 +168,7 @@ def test_interrupted_extraction_is_complete_and_identical_after_the_rerun(killed
     train = storage.read_table(os.path.join(root, "prepare", "train.parquet"))
     out = os.path.join(root, "extract", "features")
     table, X = load_features(out)
+    assert sorted(os.listdir(os.path.join(root, "extract"))) == ["_STAGE.json", "features"]  # staging cleaned up
     # one row per image, nothing from the killed attempt mixed in
     assert table["path"].to_pylist() == train["path"].to_pylist() and X.shape[0] == train.num_rows
     assert table["row_index"].to_pylist() == list(range(train.num_rows))
