@@ -26,12 +26,10 @@ import warnings
 from dataclasses import dataclass, field
 
 from . import storage
+from .cluster import MEMBERSHIP_RULES
 from .config import ConfigError
 
-# Keep in step with cluster.MEMBERSHIP_RULES (the membership rule of the cluster stage).
-MEMBERSHIP_RULES = ("majority", "any", "min_share")
 METRICS = ("euclidean", "cosine")
-GENERATE_SPLITS = ("proportional", "equal")
 ON_BAD_IMAGE = ("raise", "skip")
 TRAIN_INITS = ("imagenet", "pretrain")
 MIN_IMAGE_SIDE = 16  # below this the ResNet's feature map (and the synthetic renderer) collapse
@@ -136,6 +134,7 @@ def _check_cluster(p: Problems, c) -> None:
 
 
 def _check_rest(p: Problems, cfg) -> None:
+    from .generate import SPLITS
     from .labels import STRATEGIES
 
     e = cfg.extract
@@ -150,7 +149,7 @@ def _check_rest(p: Problems, cfg) -> None:
     _in_range(p, "gan.beta1", g.beta1, 0, 1, hi_open=True)
     gen = cfg.generate
     _in_range(p, "generate.count", gen.count, 0)
-    _one_of(p, "generate.split", gen.split, GENERATE_SPLITS)
+    _one_of(p, "generate.split", gen.split, SPLITS)
     _in_range(p, "generate.seed", gen.seed, 0)
     _in_range(p, "generate.height", gen.height, 1)
     _in_range(p, "generate.width", gen.width, 1)
@@ -251,9 +250,12 @@ def check_config_inputs(cfg, clusters: bool = True) -> None:
         p = Problems()
         _check_k(p, cfg.cluster, num_ids, source)
         p.raise_first()
+    checked = set()
     for key, model in (("pretrain.model.pretrained", cfg.pretrain.model), ("train.model.pretrained", cfg.train.model)):
-        if model.pretrained:
-            check_backbone_weights(model.pretrained, model.backbone, key)
+        if model.pretrained and (model.pretrained, model.backbone) not in checked:
+            checked.add((model.pretrained, model.backbone))
+            check_backbone_weights(model.pretrained, model.backbone,
+                                   "pretrained" if model.pretrained == cfg.pretrained else key)
 
 
 def check_folder(uri: str | None, key: str, must_exist: bool = True) -> None:

@@ -68,11 +68,11 @@ def generate(
     """Generate COUNT images from the per-cluster GANs; resumable; prints the manifest URI."""
     from .. import storage
     from ..errors import as_config_error, check_option
-    from ..generate import find_checkpoints, generate_images
-    from ..validate import GENERATE_SPLITS, check_folder
+    from ..generate import SPLITS, find_checkpoints, generate_images
+    from ..validate import check_folder
 
     check_option(count > 0, "--count", "a positive number of images", count)
-    check_option(split in GENERATE_SPLITS, "--split", " or ".join(GENERATE_SPLITS), split)
+    check_option(split in SPLITS, "--split", " or ".join(SPLITS), split)
     check_option(height >= 1 and width >= 1 and batch_size >= 1, "--height/--width/--batch-size",
                  "positive numbers", (height, width, batch_size))
     # OUTPUT is resumable (images already there are kept): check the inputs before touching it

@@ -15,19 +15,22 @@ SET_HELP = "override a config field, e.g. --set train.epochs=5 --set cluster.k=3
 def stage_plan(cfg, from_stage: str | None = None, until: str | None = None) -> list[dict]:
     """What ``run_pipeline`` would do with each stage key, by its rules: a stage whose marker holds
     the expected hash is skipped, ``--from`` forces its stage and everything after, ``--until`` stops
-    after its stage. Rows: ``{"stage", "action": "skip" | "run" | "-", "why"}``."""
+    after every key of its stage. Rows: ``{"stage", "action": "skip" | "run" | "-", "why"}``."""
     from ..pipeline import plan, stage_hashes
     from ..stages import record_state
 
     hashes = stage_hashes(cfg)
-    rows, forced, stopped = [], False, False
-    for key, _ in plan(cfg):
-        family = key.split("/", 1)[0]
-        if stopped:
+    keys = [key for key, _ in plan(cfg)]
+    family = [key.split("/", 1)[0] for key in keys]
+    last = max((i for i, f in enumerate(family) if f == until), default=len(keys) - 1) if until else len(keys) - 1
+    exists = storage.exists(cfg.run_root)
+    rows, forced = [], False
+    for i, key in enumerate(keys):
+        if i > last:
             rows.append({"stage": key, "action": "-", "why": f"after --until {until}"})
             continue
-        forced = forced or (from_stage is not None and family == from_stage)
-        state, _ = record_state(cfg.run_root, key, hashes[key]) if storage.exists(cfg.run_root) else ("pending", None)
+        forced = forced or (from_stage is not None and family[i] == from_stage)
+        state = record_state(cfg.run_root, key, hashes[key])[0] if exists else "pending"
         if forced:
             rows.append({"stage": key, "action": "run", "why": f"forced by --from {from_stage} (was {state})"})
         elif state == "done":
@@ -35,7 +38,6 @@ def stage_plan(cfg, from_stage: str | None = None, until: str | None = None) -> 
         else:
             why = {"stale": "config changed since it ran", "corrupt": "its marker is damaged"}.get(state, "not run yet")
             rows.append({"stage": key, "action": "run", "why": why})
-        stopped = until is not None and family == until
     return rows
 
 
