@@ -73,7 +73,10 @@ def search(
     gallery: str = typer.Option(..., "--gallery", "-g", help="a feature parquet written by slsr embed"),
     query: str = typer.Option(..., "--query", "-q", help="a query image, an image folder, or a manifest .parquet"),
     top: int = typer.Option(10, "--top", "-k", help="hits per query"),
-    rerank: bool = typer.Option(False, "--rerank", help="k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3)"),
+    rerank: bool = typer.Option(False, "--rerank", help="k-reciprocal re-ranking"),
+    k1: int = typer.Option(20, help="re-ranking k1"),
+    k2: int = typer.Option(6, help="re-ranking k2"),
+    lambda_value: float = typer.Option(0.3, "--lambda", help="re-ranking lambda"),
     metric: str = typer.Option("euclidean", help="euclidean (faiss L2) or cosine (faiss inner product)"),
     skip_same_camera: bool = typer.Option(False, "--skip-same-camera", help="leave out gallery images of the "
                                           "query's identity from the query's camera (the evaluation's rule; needs "
@@ -87,8 +90,8 @@ def search(
     from ..search import SearchSettings, format_hits, load_gallery, read_queries, search, write_results
 
     try:
-        settings = SearchSettings(top=top, metric=metric, rerank=rerank, skip_same_camera=skip_same_camera,
-                                  nprobe=nprobe)
+        settings = SearchSettings(top=top, metric=metric, rerank=rerank, k1=k1, k2=k2, lambda_value=lambda_value,
+                                  skip_same_camera=skip_same_camera, nprobe=nprobe)
         loaded = load_reference(model, strategy)
         gal = load_gallery(gallery)
         queries = read_queries(query)
@@ -96,7 +99,8 @@ def search(
         info = {"model": loaded.source.checkpoint, "gallery": gal.uri, "gallery_size": len(gal.features),
                 "index": index.kind, "metric": metric, "rerank": rerank, "top": top,
                 "skip_same_camera": skip_same_camera,
-                "distance": "k-reciprocal re-ranked" if rerank else metric}
+                "distance": f"k-reciprocal re-ranked {metric} (k1 {k1}, k2 {k2}, lambda {lambda_value})"
+                if rerank else metric}
         doc = write_results(output, queries, hits, info)
     except _errors() as e:
         _fail(e)
