@@ -8,7 +8,7 @@ and its training extras, with one-line errors naming the file.
 :func:`export_model` writes the **retrieval feature path only** (backbone + global pooling, plus the
 bottleneck for ``feature="bottleneck"``; no classifier, no noise adaptation layer) as ONNX or
 TorchScript with a dynamic batch dimension, and a JSON model card beside it (``model.onnx`` ->
-``model.card.json``) that says how to feed it: input size, normalisation, feature dimension, the
+``model.onnx.card.json``) that says how to feed it: input size, normalisation, feature dimension, the
 training config hash and, for a run root, the run's evaluation metrics. The exported graph takes the
 *normalised* float32 NCHW batch, exactly what :func:`slsr_ray.extract.normalise` makes.
 """
@@ -147,9 +147,8 @@ class FeatureNet(nn.Module):
 
 
 def card_path(output: str) -> str:
-    """``model.onnx`` -> ``model.card.json`` (beside the exported file)."""
-    stem, _ = os.path.splitext(output)
-    return stem + ".card.json"
+    """``model.onnx`` -> ``model.onnx.card.json`` (beside the exported file; one card per export)."""
+    return str(output) + ".card.json"
 
 
 def _to_onnx(net: FeatureNet, sample: torch.Tensor) -> bytes:

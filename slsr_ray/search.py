@@ -6,9 +6,9 @@
 * Query images go through the extract stage's preprocessing (:func:`slsr_ray.extract.decode_resize`,
   :func:`~slsr_ray.extract.normalise`) and ``model.extract`` in this process (a few images).
 * Index: exact (``IndexFlatL2`` for ``euclidean``, ``IndexFlatIP`` on L2-normalised features for
-  ``cosine``) up to ``ivf_threshold`` gallery images (100k), ``IndexIVFFlat`` above it (recall against
-  the exact index is measured in ``tests/test_search.py`` and ``benchmarks/bench_search.py``).
-  Distances are those of the evaluation: Euclidean (not squared) or 1 - cosine.
+  ``cosine``) up to ``ivf_threshold`` gallery images (100k), ``IndexIVFFlat`` above it, trained once
+  and cached beside the gallery (:mod:`slsr_ray.faiss_index`). Distances are those of the evaluation:
+  Euclidean (not squared) or 1 - cosine.
 * ``rerank``: k-reciprocal re-ranking (:func:`slsr_ray.evaluate.re_ranking_features`) over the whole
   gallery up to ``rerank_full`` images, else over the union of every query's ``rerank_candidates``
   nearest images.
@@ -23,7 +23,6 @@ from __future__ import annotations
 import io
 import itertools
 import logging
-import math
 import os
 from dataclasses import asdict, dataclass
 
@@ -33,11 +32,10 @@ import pyarrow as pa
 from . import storage
 from .embed import images_manifest, read_gallery_metadata
 from .export import LoadedModel, first_line
+from .faiss_index import IVF_THRESHOLD, METRICS, FeatureIndex, gallery_index
 
 log = logging.getLogger(__name__)
 
-METRICS = ("euclidean", "cosine")
-IVF_THRESHOLD = 100_000
 RERANK_FULL = 20_000
 
 
@@ -95,55 +93,6 @@ def check_model_fits(loaded: LoadedModel, gallery: Gallery) -> str:
         log.warning("gallery %s was embedded with %s, not %s: distances mix two models", gallery.uri, made_by,
                     loaded.source.checkpoint)
     return feature
-
-
-# ------------------------------------------------------------------------------------------ index
-
-
-class FeatureIndex:
-    """faiss index over gallery features: exact below ``ivf_threshold`` images, IVF above it."""
-
-    def __init__(self, features: np.ndarray, metric: str = "euclidean", ivf_threshold: int = IVF_THRESHOLD,
-                 nlist: int | None = None, nprobe: int | None = None):
-        import faiss
-
-        if metric not in METRICS:
-            raise SearchError(f"metric must be one of {METRICS}, got {metric!r}")
-        self.metric = metric
-        x = self._prepare(features)
-        n, d = x.shape
-        faiss_metric = faiss.METRIC_L2 if metric == "euclidean" else faiss.METRIC_INNER_PRODUCT
-        if n > ivf_threshold:
-            # ~4 sqrt(n) lists, at least 39 training points each (faiss' minimum for a stable k-means)
-            self.nlist = nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
-            quantizer = faiss.IndexFlatL2(d) if metric == "euclidean" else faiss.IndexFlatIP(d)
-            self.index = faiss.IndexIVFFlat(quantizer, d, self.nlist, faiss_metric)
-            self.index.train(x)
-            self.index.nprobe = self.nprobe = min(self.nlist, nprobe or max(8, self.nlist // 8))
-            self._quantizer = quantizer  # the IVF index does not own it
-        else:
-            self.nlist = self.nprobe = None
-            self.index = faiss.IndexFlatL2(d) if metric == "euclidean" else faiss.IndexFlatIP(d)
-        self.index.add(x)
-
-    def _prepare(self, features: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(features, dtype=np.float32)
-        if self.metric == "cosine":
-            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        return np.ascontiguousarray(x)
-
-    @property
-    def kind(self) -> str:
-        if self.nlist is None:
-            return f"exact ({type(self.index).__name__})"
-        return f"IVF (IndexIVFFlat, nlist={self.nlist}, nprobe={self.nprobe})"
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(distances, indices), each [q, k]; missing neighbours (IVF) have index -1 and distance inf."""
-        k = min(k, self.index.ntotal)
-        raw, idx = self.index.search(self._prepare(queries), k)
-        dist = np.sqrt(np.maximum(raw, 0.0)) if self.metric == "euclidean" else 1.0 - raw
-        return np.where(idx < 0, np.inf, dist).astype(np.float32), idx
 
 
 # ------------------------------------------------------------------------------------------ queries
@@ -274,7 +223,7 @@ def search(loaded: LoadedModel, gallery: Gallery, queries: list[Query], settings
     feature = check_model_fits(loaded, gallery)
     qf = query_feats if query_feats is not None else query_features(loaded, [q.path for q in queries], feature)
     excluded = _excluded(queries, gallery, s.skip_same_camera)
-    index = FeatureIndex(gallery.features, s.metric, s.ivf_threshold, nprobe=s.nprobe)
+    index = gallery_index(gallery.uri, gallery.features, s.metric, s.ivf_threshold, nprobe=s.nprobe)
     if s.rerank:
         rows = _reranked(qf, gallery, index, excluded, s)
     else:

@@ -18,10 +18,10 @@ from slsr_ray import storage
 from slsr_ray.cli import app
 from slsr_ray.config import config_hash
 from slsr_ray.embed import embed_images, read_gallery_metadata
-from slsr_ray.export import load_reference
+from slsr_ray.export import card_path, load_reference
 from slsr_ray.extract import features_column
+from slsr_ray.faiss_index import FeatureIndex, cache_uri
 from slsr_ray.search import (
-    FeatureIndex,
     SearchError,
     SearchSettings,
     load_gallery,
@@ -126,7 +126,7 @@ def test_export_of_a_run_root_carries_its_metrics_and_hashes(tiny_run, tmp_path)
     out = str(tmp_path / "model.onnx")
     res = runner.invoke(app, ["export", tiny_run.run_root, "--format", "onnx", "--output", out])
     assert res.exit_code == 0, res.output
-    card = json.loads(Path(out).with_suffix(".card.json").read_text())
+    card = json.loads(Path(card_path(out)).read_text())
     plain = _evaluation(tiny_run.run_root, "plain")
     assert card["metrics"]["plain"] == {k: v for k, v in plain.items() if k != "cmc"}
     assert card["metrics"]["rerank"]["rank1"] == _evaluation(tiny_run.run_root, "rerank")["rank1"]
@@ -150,6 +150,27 @@ def test_embed_a_folder_to_s3_then_search_it(tiny_run, s3_bucket, tmp_path):
     loaded = load_reference(tiny_run.run_root)
     hits, _ = search(loaded, gal, read_queries(gal.table["path"][3].as_py()), SearchSettings(top=2))
     assert hits[0][0].index == 3 and hits[0][0].distance < 1e-3
+
+
+def test_ivf_index_is_trained_once_and_cached_beside_the_gallery(tiny_run, gallery_file, tmp_path):
+    gallery = str(tmp_path / "gallery.parquet")
+    Path(gallery).write_bytes(Path(gallery_file).read_bytes())
+    loaded = load_reference(tiny_run.run_root)
+    queries = read_queries(os.path.join(tiny_run.run_root, "prepare", "query.parquet"))
+    settings = SearchSettings(top=3, ivf_threshold=40)  # IVF on this small gallery
+    first, index = search(loaded, load_gallery(gallery), queries, settings)
+    cached = Path(cache_uri(gallery, "euclidean"))
+    assert index.kind.startswith("IVF") and cached.exists()
+    stamp = cached.stat().st_mtime_ns
+    again, index2 = search(loaded, load_gallery(gallery), queries, settings)
+    assert cached.stat().st_mtime_ns == stamp and index2.kind == index.kind  # read back, not retrained
+    assert [[h.index for h in row] for row in again] == [[h.index for h in row] for row in first]
+    # other features under the same name: the cache is stale and is rebuilt
+    table = pq.read_table(gallery)
+    shifted = features_column(load_gallery(gallery).features[::-1].copy())
+    storage.write_table(gallery, table.set_column(table.schema.get_field_index("feature"), "feature", shifted))
+    search(loaded, load_gallery(gallery), queries, settings)
+    assert cached.stat().st_mtime_ns != stamp
 
 
 def test_bad_inputs_are_one_line_errors_naming_the_file(tiny_run, gallery_file, tmp_path):
@@ -207,8 +228,8 @@ def _clustered(n: int, d: int, clusters: int, seed: int) -> np.ndarray:
 def test_ivf_above_the_threshold_keeps_recall_against_the_exact_index(metric):
     gallery = _clustered(6000, 64, 150, seed=0)
     queries = _clustered(200, 64, 150, seed=1)
-    exact = FeatureIndex(gallery, metric)
-    ivf = FeatureIndex(gallery, metric, ivf_threshold=1000)  # the 100k default, scaled down for a test
+    exact = FeatureIndex.build(gallery, metric)
+    ivf = FeatureIndex.build(gallery, metric, ivf_threshold=1000)  # the 100k default, scaled down for a test
     assert exact.kind.startswith("exact") and ivf.kind.startswith("IVF") and ivf.nlist == 6000 // 39
     d_exact, i_exact = exact.search(queries, 10)
     d_ivf, i_ivf = ivf.search(queries, 10)

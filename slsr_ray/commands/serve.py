@@ -32,7 +32,7 @@ def export(
     model: str = typer.Argument(..., help=MODEL_HELP),
     fmt: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript"),
     output: str = typer.Option(..., "--output", "-o", help="the exported file (local or s3://); the model card "
-                               "goes beside it as <name>.card.json"),
+                               "goes beside it as <output>.card.json"),
     feature: str = typer.Option("pool", help="pool (the pooled backbone feature) or bottleneck"),
     strategy: str = typer.Option(None, help=STRATEGY_HELP),
 ) -> None:
