@@ -1,32 +1,41 @@
-# The two commands of the README. Both create .venv in the checkout and install the project into it.
+# The two commands of the README. Both create .venv in the checkout and install the project into it:
+# `make demo` the package and what it runs on (no dev tools), `make test` the package with its dev extra.
+# Separate stamps: `make test` after `make demo` still installs the dev extra.
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: setup demo test lint bench clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found; set PY=/path/to/python3.11+"; exit 1; }
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet pip
-	# torch/torchvision pinned in pyproject; pip resolves them from the local wheel cache where there is one
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+
+# torch/torchvision pinned in pyproject; pip resolves them from the local wheel cache where there is one
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
 	touch $(STAMP)
 
-setup: $(STAMP)
+$(DEV_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP) $(DEV_STAMP)
+
+setup: $(DEV_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/slsr demo
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(BIN)/python benchmarks/run_all.py --size small
 
 clean:

@@ -23,7 +23,7 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ("evaluate", "kmeans", "extract", "train", "gan")
+BENCHES = ("evaluate", "kmeans", "extract", "train", "gan", "search")
 RESULTS = HERE / "results"
 
 

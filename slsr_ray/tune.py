@@ -71,7 +71,7 @@ class SweepConfig:
     ``train.seed + 0 .. num_samples-1`` (runs with 0
     generated images do not depend on K or lambda, so the grid trains that baseline once per lr and the
     table repeats it in every K row); ``random`` draws ``num_samples`` points; ``optuna`` lets Optuna
-    (``pip install optuna``) pick ``num_samples`` points. ``asha``: stop weak trials early on the
+    (``pip install 'slsr-ray[optuna]'``; Ray Tune's ``OptunaSearch``, TPE) pick ``num_samples`` points. ``asha``: stop weak trials early on the
     validation mAP, checked every ``report_every`` epochs (None: 1 with ASHA, else only at the end).
     Resources: each trial holds ``trial_cpus`` and runs ``train_workers`` Ray Train workers of
     ``cpus_per_worker`` CPUs (or a GPU each when the cluster has GPUs); the defaults fit a 2-CPU laptop.
@@ -487,7 +487,8 @@ def _param_space_and_search(sweep: SweepConfig):
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
     except ImportError as e:
-        raise SweepError("search 'optuna' needs the optuna package: pip install optuna (or use grid/random)") from e
+        raise SweepError("search 'optuna' needs the optuna package: pip install 'slsr-ray[optuna]' "
+                         "(or use grid/random)") from e
     searcher = OptunaSearch(seed=sweep.seed)  # metric and mode come from the TuneConfig
     return space, ConcurrencyLimiter(searcher, max_concurrent=sweep.max_concurrent_trials)
 

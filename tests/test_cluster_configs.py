@@ -48,7 +48,8 @@ def test_aws_launcher_config_validates_with_ray_schema():
     workers = {k: v for k, v in cfg["available_node_types"].items() if k != cfg["head_node_type"]}
     assert any(v["node_config"]["InstanceType"].startswith(("g5", "p4d")) for v in workers.values())
     assert all("IamInstanceProfile" in v["node_config"] for v in cfg["available_node_types"].values())
-    assert any("slsr-ray" in c for c in cfg["setup_commands"])
+    # the project comes in the image (Dockerfile at the repo root), not from setup commands
+    assert "slsr-ray" in cfg["docker"]["worker_image"] and cfg["setup_commands"] == []
 
 
 def test_local_launcher_config_validates():

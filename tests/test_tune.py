@@ -155,11 +155,35 @@ def test_too_big_trials_and_missing_optuna_are_clear_errors(ray_session, synthet
     try:
         import optuna  # noqa: F401
     except ImportError:
-        with pytest.raises(SweepError, match="pip install optuna"):
+        with pytest.raises(SweepError, match=r"pip install 'slsr-ray\[optuna\]'"):
             run_sweep(cfg, SweepConfig(ks=[2], generated=[0], search="optuna"))
 
 
 # ----------------------------------------------------------------------------------- real sweeps
+
+
+def test_optuna_search_runs_two_trials_and_learns_from_them(ray_session, synthetic_root, tmp_path):
+    """Two Optuna trials (random init, no generated images: the shared work is only the split): each is
+    a finished trial in the results, and Optuna's own study holds both with the reported validation mAP."""
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    cfg = _config(synthetic_root, str(tmp_path / "run"), ["train_init=imagenet"])
+    sweep = SweepConfig(ks=[2], generated=[0], lrs=[0.01, 0.05], search="optuna", num_samples=2, val_fraction=0.25,
+                        retrain_best=False)
+    res = run_sweep(cfg, sweep, echo=lambda *_: None)
+    assert len(res.rows) == 2 and all(r["status"] == "done" and r["val_mAP"] is not None for r in res.rows), res.rows
+    assert {r["lr"] for r in res.rows} <= {0.01, 0.05}
+    # the search algorithm Tune saved is Optuna's, and its study saw both trials complete with their scores
+    exp_dir = os.path.join(SweepLayout(cfg.run_root).root, "tune")
+    limiter = ConcurrencyLimiter(OptunaSearch(), max_concurrent=1)
+    limiter.restore_from_dir(exp_dir)
+    study = limiter.searcher._ot_study
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(done) == 2
+    assert sorted(t.value for t in done) == pytest.approx(sorted(r["val_mAP"] for r in res.rows))
+    assert sorted(t.params["lr"] for t in done) == sorted(r["lr"] for r in res.rows)
+
 
 
 def _wait_for(pred, timeout: float, what: str, proc=None):
