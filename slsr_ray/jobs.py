@@ -24,9 +24,10 @@ def run_job(stages_from: str | None = None, until: str | None = None, argv: list
     """Parse job arguments, join Ray and run the pipeline (or the part of it between two stages)."""
     from .config import ConfigError
     from .data import DatasetError
-    from .pipeline import load_config, run_pipeline
+    from .pipeline import load_config
     from .raysetup import init_ray
     from .storage import StorageError
+    from .trials import check_trials, run_protocol
 
     p = job_parser(description)
     p.add_argument("--from", dest="from_stage", default=stages_from, help="rerun from this stage")
@@ -34,8 +35,9 @@ def run_job(stages_from: str | None = None, until: str | None = None, argv: list
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, args.run_root)
+        check_trials(cfg)
         init_ray()
-        run_pipeline(cfg, from_stage=args.from_stage, until=args.until)
+        run_protocol(cfg, from_stage=args.from_stage, until=args.until)
     except (ConfigError, DatasetError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

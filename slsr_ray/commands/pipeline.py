@@ -23,15 +23,18 @@ def run(
     until: str = typer.Option(None, "--until", help="stop after this stage"),
     address: str = typer.Option(None, "--address", help="Ray address (default: start a local Ray or use RAY_ADDRESS)"),
 ) -> None:
-    """Run (or resume) the whole SLSR pipeline."""
+    """Run (or resume) the whole SLSR pipeline; with evaluate.trials > 1, once per protocol split
+    (CUHK03 classic, VIPeR) and the mean±std over the trials."""
     from ..data import DatasetError
-    from ..pipeline import load_config, run_pipeline
+    from ..pipeline import load_config
     from ..raysetup import init_ray
+    from ..trials import check_trials, run_protocol
 
     try:
         cfg = load_config(config, overrides, run_root)
+        check_trials(cfg)
         init_ray(address)
-        run_pipeline(cfg, from_stage=from_stage, until=until)
+        run_protocol(cfg, from_stage=from_stage, until=until)
     except (ConfigError, DatasetError, storage.StorageError) as e:
         _fail(e)
 

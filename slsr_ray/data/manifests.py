@@ -39,13 +39,15 @@ def upload_dataset(ds: ReidDataset, dest: str) -> ReidDataset:
         return t.set_column(t.schema.get_field_index("path"), "path", new)
 
     return ReidDataset(name=ds.name, root=dest, train=rebase(ds.train), query=rebase(ds.query),
-                       gallery=rebase(ds.gallery), extra=ds.extra)
+                       gallery=rebase(ds.gallery), extra=ds.extra,
+                       multi_query=rebase(ds.multi_query) if ds.multi_query is not None else None)
 
 
 def write_manifests(ds: ReidDataset, out: str) -> dict[str, str]:
-    """Write ``{train,query,gallery}.parquet`` under ``out``; returns their URIs."""
+    """Write ``{train,query,gallery}.parquet`` under ``out`` (and ``multi_query.parquet`` when the
+    dataset was loaded for the multi-query protocol); returns their URIs."""
     uris = {}
-    for split in SPLITS:
+    for split in SPLITS + (("multi_query",) if ds.multi_query is not None else ()):
         uri = storage.join(out, f"{split}.parquet")
         storage.write_table(uri, to_manifest(getattr(ds, split)))
         uris[split] = uri

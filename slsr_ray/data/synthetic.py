@@ -10,6 +10,8 @@ Layout (as Market-1501)::
     root/bounding_box_train/0002_c1s1_000451_03.jpg   train ids
     root/bounding_box_test/...                        gallery: test ids, distractors (0000), junk (-1)
     root/query/...                                    one image per test id and camera
+    root/gt_bbox/...                                  each query again plus more images of its id and
+                                                      camera (Market's multi-query boxes; optional)
 
 Difficulty (seed 0, 100 ids, 6 cameras, 12 images/id, 128x64): a nearest neighbour on raw
 pixels (cosine on mean-centred 64x32 pixels, Market rules) gets a rank-1 of 12 % and mAP of 8 %
@@ -151,6 +153,8 @@ def make_synthetic(
     num_distractors: int = 30,
     num_junk: int = 10,
     overwrite: bool = False,
+    gt_bbox: bool = True,
+    gt_bbox_per_query: int = 3,
 ) -> dict:
     """Write a synthetic re-id dataset at ``root`` in the Market-1501 layout and return its summary.
 
@@ -158,12 +162,19 @@ def make_synthetic(
     identity gets one query per camera it was seen in (at least two cameras) and the rest of its images
     go to the gallery, with ``num_distractors`` images of pid 0000 and ``num_junk`` of pid -1 added.
     ``size`` is (height, width). Deterministic for a given ``seed``.
+
+    ``gt_bbox`` also writes Market's ``gt_bbox/`` folder for the multi-query protocol:
+    ``gt_bbox_per_query`` images per query (id, camera), the query image itself (same file name, as
+    in Market-1501) and new renderings of that person in that camera. They come from their own random
+    stream, so every other image is the same with or without them.
     """
     root = os.fspath(root)
     if num_ids < 2:
         raise ValueError(f"num_ids must be >= 2 (got {num_ids}): train and test need one identity each")
     if cams < 2 or cams > 9:
         raise ValueError(f"cams must be in 2..9 (got {cams}): Market file names hold one camera digit")
+    if gt_bbox and gt_bbox_per_query < 1:
+        raise ValueError(f"gt_bbox_per_query must be >= 1 (got {gt_bbox_per_query}): it counts the query itself")
     if images_per_id < 2:
         raise ValueError(f"images_per_id must be >= 2 (got {images_per_id}): a query needs a gallery match")
     if os.path.isdir(os.path.join(root, "bounding_box_train")) and not overwrite:
@@ -178,7 +189,7 @@ def make_synthetic(
         os.makedirs(d, exist_ok=True)
     counter = 0
 
-    def save(folder: str, pid: int, cam: int, arr: np.ndarray) -> None:
+    def save(folder: str, pid: int, cam: int, arr: np.ndarray) -> str:
         nonlocal counter
         counter += 1
         pid_s = "-1" if pid == -1 else f"{pid:04d}"
@@ -187,6 +198,9 @@ def make_synthetic(
         if cameras[cam]["blur"] > 0.2:
             img = img.filter(ImageFilter.GaussianBlur(cameras[cam]["blur"]))
         img.save(os.path.join(folder, name), quality=90)
+        return name
+
+    queries = []  # (pid, camera, file name, person) of each query image, for gt_bbox/
 
     for i, person in enumerate(people):
         pid = i + 1  # Market ids start at 1; 0 is the distractor id
@@ -205,7 +219,9 @@ def make_synthetic(
                 queried.add(cam)
             else:
                 folder = dirs["bounding_box_test"]
-            save(folder, pid, cam, arr)
+            name = save(folder, pid, cam, arr)
+            if folder == dirs["query"]:
+                queries.append((pid, cam, name, person))
     for _ in range(num_distractors):  # pid 0: people who are nobody's match
         cam = int(rng.integers(cams))
         save(dirs["bounding_box_test"], 0, cam, _render(_identity(rng), cameras[cam], rng, h, w))
@@ -213,6 +229,8 @@ def make_synthetic(
         cam = int(rng.integers(cams))
         arr = np.clip(_background(rng, h, w, cameras[cam]["bg"]), 0, 255).astype(np.uint8)
         save(dirs["bounding_box_test"], -1, cam, arr)
+    if gt_bbox:
+        dirs["gt_bbox"] = _write_gt_bbox(root, queries, cameras, gt_bbox_per_query, seed, size, save)
     summary = {
         "num_ids": num_ids,
         "num_train_ids": num_train,
@@ -228,3 +246,19 @@ def make_synthetic(
     with open(os.path.join(root, "synthetic.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def _write_gt_bbox(root: str, queries: list, cameras: list, per_query: int, seed: int, size: tuple[int, int],
+                   save) -> str:
+    """Market's ``gt_bbox/``: each query image under its own name plus ``per_query - 1`` new images of
+    the same person in the same camera, from a random stream of their own."""
+    import shutil
+
+    folder = os.path.join(root, "gt_bbox")
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng([seed, 1])
+    for pid, cam, name, person in queries:
+        shutil.copyfile(os.path.join(root, "query", name), os.path.join(folder, name))
+        for _ in range(per_query - 1):
+            save(folder, pid, cam, _render(person, cameras[cam], rng, *size))
+    return folder
