@@ -152,7 +152,7 @@ def test_roundtrip_through_s3(synthetic_root, synthetic_dataset, s3_bucket):
     dest = f"{s3_bucket[len('s3://') :]}/datasets/synth"
     pafs.copy_files(synthetic_root, dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     remote_root = f"{s3_bucket}/datasets/synth"
-    assert storage.listdir(remote_root) == sorted([*SPLIT_DIRS, "synthetic.json"])
+    assert storage.listdir(remote_root) == sorted([*SPLIT_DIRS, "gt_bbox", "synthetic.json"])
 
     # manifests point at the S3 copies and survive a parquet round trip on S3
     manifests = {}

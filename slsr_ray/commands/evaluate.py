@@ -13,7 +13,31 @@ SPLITS = ("query", "gallery", "multi_query")
 def load_feature_table(uri: str) -> dict[str, np.ndarray]:
     """Read a features parquet (``feature`` list<float32>, ``pid``, ``camid``, ``split``) into arrays
     ``qf, gf, mf, q_pids, g_pids, m_pids, q_camids, g_camids, m_camids`` (``m``: rows with split
-    ``multi_query``, Market's gt_bbox images, possibly none); ValueError naming what is missing or malformed."""
+    ``multi_query``, Market's gt_bbox images, possibly none); ValueError naming what is missing or malformed.
+    ``uri`` may also be a pipeline run's ``evaluate/<strategy>/features`` extraction folder."""
+    from ..extract import is_complete, load_features
+
+    if is_complete(uri):
+        table, feats = load_features(uri)
+        missing = [c for c in FEATURE_COLUMNS[1:] if c not in table.column_names]
+        if missing:
+            raise ValueError(f"{uri} lacks column(s) {missing}; expected {list(FEATURE_COLUMNS)}")
+    else:
+        table, feats = _read_feature_file(uri)
+    split = np.asarray(table.column("split").to_pylist())
+    bad = sorted(set(split.tolist()) - set(SPLITS))
+    if bad:
+        raise ValueError(f"{uri}: column 'split' must hold {', '.join(SPLITS)}, got {bad[:5]}")
+    pids = table.column("pid").to_numpy()
+    cams = table.column("camid").to_numpy()
+    q, g, m = split == "query", split == "gallery", split == "multi_query"
+    if not q.any() or not g.any():
+        raise ValueError(f"{uri}: need both query and gallery rows, got {int(q.sum())} query / {int(g.sum())} gallery")
+    return {"qf": feats[q], "gf": feats[g], "mf": feats[m], "q_pids": pids[q], "g_pids": pids[g],
+            "m_pids": pids[m], "q_camids": cams[q], "g_camids": cams[g], "m_camids": cams[m]}
+
+
+def _read_feature_file(uri: str):
     import pyarrow as pa
 
     from .. import storage
@@ -30,17 +54,7 @@ def load_feature_table(uri: str) -> dict[str, np.ndarray]:
         raise ValueError(f"{uri}: rows of column 'feature' have different lengths {sorted(lengths)[:5]}")
     dim = lengths.pop()
     feats = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(col), dim)
-    split = np.asarray(table.column("split").to_pylist())
-    bad = sorted(set(split.tolist()) - set(SPLITS))
-    if bad:
-        raise ValueError(f"{uri}: column 'split' must hold {', '.join(SPLITS)}, got {bad[:5]}")
-    pids = table.column("pid").to_numpy()
-    cams = table.column("camid").to_numpy()
-    q, g, m = split == "query", split == "gallery", split == "multi_query"
-    if not q.any() or not g.any():
-        raise ValueError(f"{uri}: need both query and gallery rows, got {int(q.sum())} query / {int(g.sum())} gallery")
-    return {"qf": feats[q], "gf": feats[g], "mf": feats[m], "q_pids": pids[q], "g_pids": pids[g],
-            "m_pids": pids[m], "q_camids": cams[q], "g_camids": cams[g], "m_camids": cams[m]}
+    return table, feats
 
 
 LABELS = {"market": "single-query", "multi_query": "multi-query (mean)", "single_shot": "single-shot"}
