@@ -38,20 +38,22 @@ def run_entry(body: Callable[[], None], verbose: bool) -> int:
 def run_job(stages_from: str | None = None, until: str | None = None, argv: list[str] | None = None,
             description: str = "Run the SLSR pipeline on the connected Ray cluster.") -> int:
     """Parse job arguments, check everything, join Ray and run the pipeline (or the part of it
-    between two stages)."""
+    between two stages; once per split with evaluate.trials > 1)."""
     p = job_parser(description)
     p.add_argument("--from", dest="from_stage", default=stages_from, help="rerun from this stage")
     p.add_argument("--until", default=until, help="stop after this stage")
     args = p.parse_args(argv)
 
     def body() -> None:
-        from .pipeline import load_config, run_pipeline
+        from .pipeline import load_config
         from .raysetup import init_ray
+        from .trials import check_trials, run_protocol
         from .validate import validate_config
 
         cfg = load_config(args.config, args.overrides, args.run_root)
         validate_config(cfg, check_inputs=True, from_stage=args.from_stage, until=args.until)  # before Ray
+        check_trials(cfg)
         init_ray()
-        run_pipeline(cfg, from_stage=args.from_stage, until=args.until)
+        run_protocol(cfg, from_stage=args.from_stage, until=args.until)
 
     return run_entry(body, args.verbose)

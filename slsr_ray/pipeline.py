@@ -58,15 +58,30 @@ class DataSection:
     on a local run root, a temporary folder uploaded to ``<run_root>/data`` on S3). ``manifests``: a
     folder/URI with ``train/query/gallery.parquet`` made earlier (``slsr data manifest``), the way to
     use a dataset stored on S3. ``on_bad_image``: ``raise`` stops on an unreadable image, ``skip``
-    drops it with a warning; ``check_images`` decodes every image up front."""
+    drops it with a warning; ``check_images`` decodes every image up front.
+
+    ``protocol``: the dataset's evaluation protocol (:mod:`slsr_ray.data.protocols`; None: its first):
+    market1501/synthetic ``single_query`` | ``multi_query``, cuhk03 ``classic`` | ``new_767_700``
+    (``cuhk03_labeled`` picks the labeled boxes, default detected as in the paper), viper
+    ``ten_trials``, the others ``standard``. ``split_id`` is the protocol split this run trains and
+    tests on (VIPeR halves drawn with ``split_seed``); ``evaluate.trials`` runs several. A
+    ``{split_id}`` in ``manifests`` is replaced by the split id."""
 
     dataset: str = "synthetic"
     root: str | None = None
     manifests: str | None = None
+    protocol: str | None = None
     split_id: int = 0
+    split_seed: int = 0
+    cuhk03_labeled: bool = False
     check_images: bool = False
     on_bad_image: str = "raise"
     synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
+
+    def __post_init__(self):
+        from .data.protocols import check_split_id, get_protocol
+
+        check_split_id(self.dataset, get_protocol(self.dataset, self.protocol), self.split_id)
 
 
 @dataclass
@@ -101,6 +116,11 @@ class GenerateSection:
 
 @dataclass
 class EvaluateSection:
+    """``trials``: how many splits of ``data.protocol`` to run, each a full pipeline (its own models:
+    split *i*'s test ids are other splits' training ids) under ``<run_root>/split<i>/``, averaged
+    with their std under ``<run_root>/trials/`` (:mod:`slsr_ray.trials`); 1 runs ``data.split_id`` only."""
+
+    trials: int = 1
     rerank: bool = True
     metric: str = "euclidean"
     max_rank: int = 50
@@ -226,14 +246,24 @@ def _uri(cfg: PipelineConfig, *parts: str) -> str:
 
 
 def stage_prepare(cfg: PipelineConfig) -> dict:
-    """Write ``prepare/{train,query,gallery}.parquet`` (building the synthetic dataset if asked)."""
+    """Write ``prepare/{train,query,gallery}.parquet`` for split ``data.split_id`` of ``data.protocol``
+    (plus ``multi_query.parquet``, the gt_bbox images, for Market multi-query), building the synthetic
+    dataset if asked."""
     from .data import check_unique_paths, load_dataset, make_synthetic, to_manifest
     from .data.manifests import upload_dataset
+    from .data.protocols import get_protocol, load_protocol
 
     d = cfg.data
+    protocol = get_protocol(d.dataset, d.protocol)
+    splits = ("train", "query", "gallery") + (("multi_query",) if protocol.name == "multi_query" else ())
     out = {}
     if d.manifests:
-        tables = {s: storage.read_table(storage.join(d.manifests, f"{s}.parquet")) for s in ("train", "query", "gallery")}
+        folder = d.manifests.replace("{split_id}", str(d.split_id))
+        for s in splits:
+            if not storage.exists(storage.join(folder, f"{s}.parquet")):
+                raise ConfigError(f"data.manifests: {storage.join(folder, f'{s}.parquet')} does not exist; protocol "
+                                  f"{protocol.name} needs {', '.join(splits)} (slsr data manifest --protocol ...)")
+        tables = {s: storage.read_table(storage.join(folder, f"{s}.parquet")) for s in splits}
     else:
         root = d.root
         if d.dataset == "synthetic":
@@ -246,15 +276,15 @@ def stage_prepare(cfg: PipelineConfig) -> dict:
                     root, num_ids=spec.num_ids, cams=spec.cams, images_per_id=spec.images_per_id, seed=spec.seed,
                     size=(spec.height, spec.width), num_distractors=spec.num_distractors, num_junk=spec.num_junk,
                 )
-            ds = load_dataset("market1501", root)
+            ds = load_dataset("market1501", root, multi_query=protocol.name == "multi_query")
             if s3_run:  # every node must read the images: put them next to the run's artifacts
                 ds = upload_dataset(ds, _uri(cfg, "data"))
         else:
             if root is None:
                 raise ConfigError(f"data.root is required for dataset {d.dataset!r} (or give data.manifests)")
-            kwargs = {"split_id": d.split_id} if d.dataset in ("viper", "cuhk03") else {}
-            ds = load_dataset(d.dataset, root, **kwargs)
-        tables = {"train": ds.train, "query": ds.query, "gallery": ds.gallery}
+            ds = load_protocol(d.dataset, root, protocol.name, split_id=d.split_id, split_seed=d.split_seed,
+                               cuhk03_labeled=d.cuhk03_labeled)
+        tables = {s: getattr(ds, s) for s in splits}
     for split, table in tables.items():
         table = to_manifest(table)
         check_unique_paths(table, f"{split} manifest of dataset {d.manifests or d.root or d.dataset}")
@@ -346,39 +376,38 @@ def stage_train(cfg: PipelineConfig, strategy: str) -> dict:
 
 
 def stage_evaluate(cfg: PipelineConfig, strategy: str) -> dict:
-    """Query/gallery features with Ray Data, then CMC/mAP/mINP with and without re-ranking."""
+    """Query/gallery (and gt_bbox) features with Ray Data, then the metrics of ``data.protocol`` on this
+    split with and without re-ranking; each JSON names the protocol, the split and ``num_trials`` 1."""
     import numpy as np
 
-    from .evaluate import evaluate_features, re_ranking_features
+    from .data.protocols import get_protocol
+    from .evaluate import evaluate_split
     from .extract import extract_features, load_features
 
+    protocol = get_protocol(cfg.data.dataset, cfg.data.protocol)
     ckpt = read_record(cfg.run_root, f"train/{strategy}").outputs["checkpoint"]
-    q = storage.read_table(_uri(cfg, "prepare", "query.parquet"))
-    g = storage.read_table(_uri(cfg, "prepare", "gallery.parquet"))
-    both = pa.concat_tables([
-        q.append_column("split", pa.array(["query"] * q.num_rows)),
-        g.append_column("split", pa.array(["gallery"] * g.num_rows)),
-    ])
-    feat_dir = extract_features(both, ckpt, _uri(cfg, "evaluate", strategy, "features"), cfg.extract)
+    splits = ("query", "gallery") + (("multi_query",) if protocol.evaluation == "multi_query" else ())
+    tables = []
+    for split in splits:
+        t = storage.read_table(_uri(cfg, "prepare", f"{split}.parquet"))
+        tables.append(t.append_column("split", pa.array([split] * t.num_rows, pa.string())))
+    feat_dir = extract_features(pa.concat_tables(tables), ckpt, _uri(cfg, "evaluate", strategy, "features"), cfg.extract)
     table, feats = load_features(feat_dir)
-    is_q = np.asarray(table["split"].to_pylist()) == "query"
+    split = np.asarray(table["split"].to_pylist())
     pids, cams = table["pid"].to_numpy(), table["camid"].to_numpy()
+    q, g, m = (split == "query"), (split == "gallery"), (split == "multi_query")
     ev = cfg.evaluate
-    results = {
-        "plain": evaluate_features(feats[is_q], feats[~is_q], pids[is_q], pids[~is_q], cams[is_q], cams[~is_q],
-                                   metric=ev.metric, max_rank=ev.max_rank),
-    }
-    if ev.rerank:
-        dist = re_ranking_features(feats[is_q], feats[~is_q], k1=ev.k1, k2=ev.k2, lambda_value=ev.lambda_value,
-                                  metric=ev.metric)
-        from .evaluate import evaluate_rank
-
-        results["rerank"] = evaluate_rank(dist, pids[is_q], pids[~is_q], cams[is_q], cams[~is_q], max_rank=ev.max_rank)
+    results = evaluate_split(
+        protocol.evaluation, feats[q], feats[g], pids[q], pids[g], cams[q], cams[g], metric=ev.metric,
+        max_rank=ev.max_rank, multi_query=(feats[m], pids[m], cams[m]) if m.any() else None,
+        rerank={"k1": ev.k1, "k2": ev.k2, "lambda_value": ev.lambda_value} if ev.rerank else None,
+        seed=cfg.data.split_id,
+    )
+    about = {"protocol": protocol.name, "dataset": cfg.data.dataset, "split_id": cfg.data.split_id, "num_trials": 1}
     out = {}
     for kind, res in results.items():
-        uri = _uri(cfg, "evaluate", strategy, f"{kind}.json")
-        storage.write_json(uri, _metrics_dict(res))
-        out[kind] = _metrics_dict(res)
+        out[kind] = {**_metrics_dict(res), **about}
+        storage.write_json(_uri(cfg, "evaluate", strategy, f"{kind}.json"), out[kind])
     return out
 
 

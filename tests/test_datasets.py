@@ -18,6 +18,7 @@ from PIL import Image
 
 from slsr_ray.data import DatasetError, check_images, load_dataset, make_table
 from slsr_ray.data.datasets import load_cuhk03, load_viper
+from slsr_ray.data.protocols import count_splits, get_protocol, load_protocol
 
 
 def touch(folder, *names):
@@ -103,6 +104,32 @@ def test_query_pid_absent_from_gallery_is_kept(tmp_path):
         max_rank=4,
     )
     assert result["num_valid_queries"] == 2  # the query of id 4 is skipped, not an error
+
+
+def test_market_multi_query_loads_gt_bbox_of_each_query_group(tmp_path):
+    top = make_market(tmp_path)
+    touch(
+        os.path.join(top, "gt_bbox"),
+        "0001_c1s1_001051_00.jpg",  # the query itself (Market's queries are gt_bbox boxes): not twice
+        "0001_c1s1_001101_00.jpg",  # same id and camera as query 0001_c1: pooled with it
+        "0001_c1s2_002000_00.jpg",
+        "0001_c2s1_000090_00.jpg",  # id 1 has no query in camera 2: unused
+        "0003_c2s1_000350_00.jpg",  # query 0003_c2
+        "0002_c1s1_000451_00.jpg",  # a training id
+    )
+    ds = load_protocol("market1501", tmp_path, "multi_query")
+    assert ds.extra["protocol"] == "multi_query"
+    names = sorted(os.path.basename(p) for p in col(ds.multi_query, "path"))
+    assert names == ["0001_c1s1_001101_00.jpg", "0001_c1s2_002000_00.jpg", "0003_c2s1_000350_00.jpg"]
+    groups = zip(col(ds.multi_query, "pid"), col(ds.multi_query, "camid"), strict=True)
+    assert sorted(groups) == [(1, 0), (1, 0), (3, 1)]
+    assert load_protocol("market1501", tmp_path, "single_query").multi_query is None
+
+    os.rename(os.path.join(top, "gt_bbox"), os.path.join(top, "gt_bbox_moved"))
+    with pytest.raises(DatasetError, match="gt_bbox.*does not exist.*single_query"):
+        load_protocol("market1501", tmp_path, "multi_query")
+    with pytest.raises(DatasetError, match="protocol 'classic' is not defined for dataset 'market1501'"):
+        load_protocol("market1501", tmp_path, "classic")
 
 
 def test_market_root_can_be_the_dataset_folder_itself(tmp_path):
@@ -251,6 +278,29 @@ def test_viper_half_splits(tmp_path):
     assert len(tests) > 1  # ten different random halves
 
 
+def test_viper_trials_test_on_exactly_the_ids_their_split_did_not_train_on(tmp_path):
+    """Each of the ten trials trains on one half and tests on the other; the evaluation halves of
+    evaluate.random_half_splits for the same seed are exactly those non-training ids."""
+    from slsr_ray.evaluate import random_half_splits
+
+    make_viper(tmp_path)
+    protocol = get_protocol("viper", "ten_trials")
+    assert count_splits("viper", str(tmp_path), protocol) == protocol.trials == 10
+    halves = random_half_splits(VIPER_IDS, trials=10, seed=5)
+    tests = []
+    for i in range(10):
+        ds = load_protocol("viper", tmp_path, "ten_trials", split_id=i, split_seed=5)
+        train_ids = {int(os.path.basename(p)[:3]) for p in col(ds.train, "path")}
+        test_ids = set(col(ds.query, "pid"))
+        assert not train_ids & test_ids and train_ids | test_ids == set(VIPER_IDS)
+        assert len(train_ids) == len(test_ids) == 4
+        assert sorted(test_ids) == halves[i].tolist()
+        tests.append(tuple(sorted(test_ids)))
+    assert len(set(tests)) > 1
+    with pytest.raises(DatasetError, match=r"split_id 10 is out of range .* use 0\.\.9"):
+        load_protocol("viper", tmp_path, "ten_trials", split_id=10)
+
+
 def test_viper_deterministic_for_seed_without_saved_file(tmp_path):
     make_viper(tmp_path / "a")
     make_viper(tmp_path / "b")
@@ -365,6 +415,32 @@ def test_cuhk03_classic_split_extracts_images_once(tmp_path):
 
     with pytest.raises(DatasetError, match=r"classic split_id must be in 0\.\.1"):
         load_cuhk03(str(tmp_path), split_id=2, cuhk03_labeled=True, cuhk03_classic_split=True)
+
+
+def test_cuhk03_classic_protocol_trials_split_sizes_and_disjoint_ids(tmp_path):
+    """The classic protocol: as many trials as the mat's testsets (20 in the release), each training on
+    every id but its split's test ids, with query = gallery = the test ids' images (single-shot)."""
+    testsets = [[[1, 2], [3, 1]], [[2, 2], [5, 1]], [[1, 1], [1, 3], [4, 2]]]
+    make_cuhk03_mat(tmp_path, testsets)
+    protocol = get_protocol("cuhk03", "classic")
+    assert get_protocol("cuhk03") == protocol and (protocol.trials, protocol.evaluation) == (20, "single_shot")
+    assert count_splits("cuhk03", str(tmp_path), protocol) == 3
+    total_ids = sum(CUHK_PAIRS)
+    offset = [0, 3, 5, 7, 9]  # global id = ids of earlier pairs + pid in the pair
+    for i, pairs in enumerate(testsets):
+        ds = load_protocol("cuhk03", tmp_path, "classic", split_id=i)
+        assert ds.extra["classic_split"] and not ds.extra["labeled"] and ds.extra["protocol"] == "classic"
+        assert ds.num_train_pids == total_ids - len(pairs)
+        assert sorted(set(col(ds.query, "pid"))) == sorted(offset[c - 1] + p for c, p in pairs)
+        assert col(ds.query, "path") == col(ds.gallery, "path")
+        train_pairs = {os.path.basename(p)[:5] for p in col(ds.train, "path")}
+        test_pairs = {f"{c}_{p:03d}" for c, p in pairs}
+        assert not train_pairs & test_pairs and len(train_pairs) == total_ids - len(pairs)
+    with pytest.raises(DatasetError, match=r"classic split_id must be in 0\.\.2"):
+        load_protocol("cuhk03", tmp_path, "classic", split_id=3)
+    with pytest.raises(DatasetError, match="split_id 20 is out of range for cuhk03 protocol classic"):
+        load_protocol("cuhk03", tmp_path, "classic", split_id=20)
+    assert count_splits("cuhk03", str(tmp_path), get_protocol("cuhk03", "new_767_700")) == 1
 
 
 def test_cuhk03_new_protocol_from_mat_and_json(tmp_path):

@@ -22,6 +22,7 @@ from slsr_ray.evaluate import (
     evaluate_features,
     evaluate_multi_query,
     evaluate_rank,
+    evaluate_split,
     evaluate_viper,
     format_table,
     plot_cmc,
@@ -182,6 +183,49 @@ def test_multi_query_pooling():
         pool_multi_query(qf, [1, 1, 1, 2], [0, 0, 1, 0], pool="median")
 
 
+# The multi-query example, 1-d features (euclidean distance = |a - b|), worked out by hand:
+#   gallery (camera 1): pid 1 at 3.0, pid 2 at -1.0 and at 6.0
+#   query pid 1 (camera 0) at 0.0: distances 3 / 1 / 6 -> pid 2 first, its match second: R1 miss, AP 1/2
+#   query pid 2 (camera 0) at 5.5: distances 2.5 / 6.5 / 0.5 -> hit at ranks 1 and 3: AP (1 + 2/3) / 2
+#   gt_bbox images of (pid 1, camera 0) at 4.0 and 5.0: pooled query (0 + 4 + 5) / 3 = 3.0, distances
+#   0 / 4 / 3 -> hit first: AP 1. An image of (pid 1, camera 2) at -100 has no query group: unused.
+MQ_GALLERY = (np.array([[3.0], [-1.0], [6.0]], np.float32), [1, 2, 2], [1, 1, 1])
+MQ_QUERY = (np.array([[0.0], [5.5]], np.float32), [1, 2], [0, 0])
+MQ_EXTRA = (np.array([[4.0], [5.0], [-100.0]], np.float32), [1, 1, 1], [0, 0, 2])
+
+
+def test_multi_query_with_gt_bbox_images_changes_rank1_as_computed_by_hand():
+    (qf, qp, qc), (gf, gp, gc) = MQ_QUERY, MQ_GALLERY
+    res = evaluate_split("multi_query", qf, gf, qp, gp, qc, gc, max_rank=3, multi_query=MQ_EXTRA)
+    sq, mq = res["single_query"], res["plain"]
+    np.testing.assert_allclose(sq["cmc"], [0.5, 1.0, 1.0])
+    assert sq["mAP"] == pytest.approx((1 / 2 + (1 + 2 / 3) / 2) / 2)
+    np.testing.assert_allclose(mq["cmc"], [1.0, 1.0, 1.0])
+    assert mq["mAP"] == pytest.approx((1 + (1 + 2 / 3) / 2) / 2) and mq["num_valid_queries"] == 2
+    pooled, pids, cams = pool_multi_query(qf, qp, qc, "mean", extra=MQ_EXTRA)
+    np.testing.assert_allclose(pooled, [[3.0], [5.5]])
+    assert pids.tolist() == [1, 2] and cams.tolist() == [0, 0]
+    # the Market rules ignore gt_bbox images
+    market = evaluate_split("market", qf, gf, qp, gp, qc, gc, max_rank=3, multi_query=MQ_EXTRA)["plain"]
+    np.testing.assert_allclose(market["cmc"], sq["cmc"])
+    with pytest.raises(ValueError, match="evaluation must be"):
+        evaluate_split("cmc", qf, gf, qp, gp, qc, gc)
+
+
+def test_single_shot_split_by_hand():
+    """CUHK03 classic scoring: one random gallery image per identity. Query pid 1 at 0.0; gallery pid 1
+    at 2.0, pid 2 at 1.0 and 1.5, pid 3 at 3.0. All images: the match is third (R1 0, R3 1, AP 1/3).
+    Single-shot: whichever pid-2 image is drawn lies before the match, pid 3 after: always rank 2."""
+    qf, gf = np.array([[0.0]], np.float32), np.array([[2.0], [1.0], [1.5], [3.0]], np.float32)
+    ids = ([1], [1, 2, 2, 3], [0], [1, 1, 1, 1])
+    market = evaluate_split("market", qf, gf, *ids, max_rank=4)["plain"]
+    np.testing.assert_allclose(market["cmc"], [0, 0, 1, 1])
+    res = evaluate_split("single_shot", qf, gf, *ids, max_rank=4, rerank={"k1": 2, "k2": 1, "lambda_value": 0.3})
+    np.testing.assert_allclose(res["plain"]["cmc"], [0, 1, 1, 1])
+    assert res["plain"]["mAP"] == pytest.approx(1 / 3) and res["plain"]["num_repeats"] == 10
+    assert set(res) == {"plain", "rerank"} and res["rerank"]["cmc"][-1] == 1.0
+
+
 def test_cuhk03_single_shot_one_image_per_identity_equals_market(tr_rank):
     rng = np.random.default_rng(7)
     nq, ng = 60, 40
@@ -226,14 +270,31 @@ def test_aggregate_trials_and_viper():
     feats = np.concatenate([base, base + 0.01 * rng.normal(size=base.shape).astype(np.float32)])
     pids = np.concatenate([np.arange(40), np.arange(40)])
     cams = np.concatenate([np.zeros(40, int), np.ones(40, int)])
-    res = evaluate_viper(feats, pids, cams, trials=10, seed=0, max_rank=20)
+    res = evaluate_viper(feats, pids, cams, trained_on=[], trials=10, seed=0, max_rank=20)
     assert res["num_trials"] == 10 and res["num_valid_queries"] == 20
     assert res["cmc"][0] == pytest.approx(1.0) and res["std"]["mAP"] == pytest.approx(0.0)
     splits = random_half_splits(pids, trials=3, seed=1)
     assert all(len(s) == 20 and len(np.unique(s)) == 20 for s in splits)
     assert not np.array_equal(splits[0], splits[1])
     with pytest.raises(ValueError, match="two cameras"):
-        evaluate_viper(feats, pids, np.arange(80) % 3)
+        evaluate_viper(feats, pids, np.arange(80) % 3, trained_on=[])
+
+
+def test_viper_refuses_test_halves_holding_training_ids():
+    """A model trained on split 0's training half has seen most of split 1's test half: scoring it on
+    the ten halves would leak; on its own split's half it is allowed."""
+    from slsr_ray.data.datasets import make_viper_splits
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(40, 8)).astype(np.float32)
+    feats = np.concatenate([base, base + 0.01 * rng.normal(size=base.shape).astype(np.float32)])
+    pids, cams = np.tile(np.arange(40), 2), np.repeat([0, 1], 40)
+    split0 = make_viper_splits(list(range(40)), seed=4)[0]
+    with pytest.raises(ValueError, match=r"trial 1's test half holds \d+ identities the model was trained on"):
+        evaluate_viper(feats, pids, cams, trained_on=split0["train"], trials=10, seed=4)
+    own = evaluate_viper(feats, pids, cams, trained_on=split0["train"], test_splits=[np.array(split0["test"])])
+    assert own["num_trials"] == 1 and own["num_valid_queries"] == 20
+    assert random_half_splits(pids, trials=1, seed=4)[0].tolist() == split0["test"]
 
 
 # ------------------------------------------------------------------------------------ results
@@ -342,3 +403,42 @@ def test_cli_evaluate(tmp_path):
     assert result.exit_code == 2 and "split" in result.output
     result = CliRunner().invoke(app, ["evaluate", "--features", parquet, "--metric", "manhattan"])
     assert result.exit_code == 2 and "--metric" in result.output
+
+
+def _write_rows(path, groups):
+    """A features parquet from {split: (features, pids, camids)}."""
+    feats = np.concatenate([g[0] for g in groups.values()]).astype(np.float32)
+    pq.write_table(pa.table({
+        "feature": pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), feats.shape[1]),
+        "pid": pa.array(np.concatenate([g[1] for g in groups.values()]), pa.int64()),
+        "camid": pa.array(np.concatenate([g[2] for g in groups.values()]), pa.int64()),
+        "split": pa.array([s for s, g in groups.items() for _ in range(len(g[0]))]),
+    }), path)
+
+
+def test_cli_evaluate_protocol_over_trials(tmp_path):
+    """Two trials of the hand-computed multi-query example: with its gt_bbox rows (MQ R1 1.0) and
+    without (MQ R1 = SQ R1 = 0.5): mean 0.75, population std 0.25."""
+    from typer.testing import CliRunner
+
+    from slsr_ray.cli import app
+
+    a, b = str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")
+    _write_rows(a, {"query": MQ_QUERY, "gallery": MQ_GALLERY, "multi_query": MQ_EXTRA})
+    _write_rows(b, {"query": MQ_QUERY, "gallery": MQ_GALLERY})
+    out = tmp_path / "eval.json"
+    res = CliRunner().invoke(app, ["evaluate", "-f", a, "-f", b, "--protocol", "multi_query", "--max-rank", "3",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "2 trial(s)" in res.output and "75.00±25.00" in res.output
+    data = json.loads(out.read_text())
+    assert data["protocol"] == "multi_query" and data["num_trials"] == 2
+    mq, sq = data["results"]["multi-query (mean)"], data["results"]["single-query"]
+    assert mq["num_trials"] == 2 and mq["cmc"][0] == pytest.approx(0.75) and mq["std"]["cmc"][0] == pytest.approx(0.25)
+    assert sq["cmc"][0] == pytest.approx(0.5) and sq["std"]["cmc"][0] == pytest.approx(0.0)
+    assert mq["mAP"] == pytest.approx(((1 + 5 / 6) / 2 + (1 / 2 + 5 / 6) / 2) / 2)
+
+    res = CliRunner().invoke(app, ["evaluate", "-f", a, "--protocol", "classic", "--max-rank", "3"])
+    assert res.exit_code == 0 and "single-shot" in res.output, res.output
+    res = CliRunner().invoke(app, ["evaluate", "-f", a, "--protocol", "triple_query"])
+    assert res.exit_code == 2 and "unknown protocol 'triple_query'" in res.output

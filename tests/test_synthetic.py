@@ -93,6 +93,30 @@ def test_load_dataset_synthetic_builds_when_empty(tmp_path):
     assert ds.num_train_pids == 3 and ds.query.num_rows > 0
 
 
+def test_gt_bbox_holds_each_query_and_more_of_its_id_and_camera(tmp_path):
+    """gt_bbox/ (Market's multi-query boxes): per query, the query image itself under its own name and
+    two new images of the same id in the same camera; nothing else in the tree changes."""
+    summary = make_synthetic(tmp_path / "with", seed=7, **SMALL)
+    make_synthetic(tmp_path / "without", seed=7, gt_bbox=False, **SMALL)
+    assert tree_digest(tmp_path / "with") == tree_digest(tmp_path / "without")
+    assert not os.path.exists(tmp_path / "without" / "gt_bbox")
+    queries = sorted(os.listdir(tmp_path / "with" / "query"))
+    boxes = sorted(os.listdir(tmp_path / "with" / "gt_bbox"))
+    assert summary["images"]["gt_bbox"] == len(boxes) == 3 * len(queries)
+    assert set(queries) <= set(boxes)
+    for q in queries:
+        with open(tmp_path / "with" / "query" / q, "rb") as a, open(tmp_path / "with" / "gt_bbox" / q, "rb") as b:
+            assert a.read() == b.read()
+    groups = {}
+    for name in boxes:
+        m = MARKET_NAME.match(name)
+        groups.setdefault((m.group(1), m.group(2)), []).append(name)
+    assert sorted(groups) == sorted((MARKET_NAME.match(q).group(1), MARKET_NAME.match(q).group(2)) for q in queries)
+    assert all(len(v) == 3 for v in groups.values())
+    ds = load_dataset("synthetic", tmp_path / "with", multi_query=True)
+    assert ds.multi_query.num_rows == 2 * len(queries)  # the query images themselves are not repeated
+
+
 def test_bad_arguments(tmp_path, synthetic_root):
     with pytest.raises(ValueError, match=r"\(cams\): expected 2\.\.9.*got 12"):
         make_synthetic(tmp_path, cams=12)
@@ -135,7 +159,7 @@ def test_roundtrip_through_s3(synthetic_root, synthetic_dataset, s3_bucket):
     dest = f"{s3_bucket[len('s3://') :]}/datasets/synth"
     pafs.copy_files(synthetic_root, dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     remote_root = f"{s3_bucket}/datasets/synth"
-    assert storage.listdir(remote_root) == sorted([*SPLIT_DIRS, "synthetic.json"])
+    assert storage.listdir(remote_root) == sorted([*SPLIT_DIRS, "gt_bbox", "synthetic.json"])
 
     # manifests point at the S3 copies and survive a parquet round trip on S3
     manifests = {}

@@ -57,17 +57,21 @@ def manifest(
     output: str = typer.Option(..., "--output", "-o", help="folder or s3:// URI for train/query/gallery.parquet"),
     upload_images: str = typer.Option(None, "--upload-images", help="copy the images here (e.g. s3://...) first"),
     split_id: int = typer.Option(0, help="protocol split for viper / cuhk03"),
+    protocol: str = typer.Option(None, help="the run's data.protocol (default: the dataset's first); "
+                                 "multi_query also writes multi_query.parquet (gt_bbox)"),
+    split_seed: int = typer.Option(0, help="seed of the VIPeR halves (data.split_seed)"),
+    cuhk03_labeled: bool = typer.Option(False, "--cuhk03-labeled", help="CUHK03 labeled boxes (default detected)"),
 ) -> None:
     """Write a dataset's manifests (optionally uploading its images) for `data.manifests=` runs."""
-    from ..data import load_dataset
     from ..data.manifests import upload_dataset, write_manifests
+    from ..data.protocols import load_protocol
     from ..validate import check_folder
 
     check_folder(output, "--output", must_exist=False)
     if upload_images:
         check_folder(upload_images, "--upload-images", must_exist=False)
-    kwargs = {"split_id": split_id} if dataset in ("viper", "cuhk03") else {}
-    ds = load_dataset(dataset, root, **kwargs)
+    ds = load_protocol(dataset, root, protocol, split_id=split_id, split_seed=split_seed,
+                       cuhk03_labeled=cuhk03_labeled)
     if upload_images:
         ds = upload_dataset(ds, upload_images)
     uris = write_manifests(ds, output)

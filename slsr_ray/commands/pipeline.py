@@ -45,10 +45,12 @@ def _checked_config(config: str, run_root: str | None, overrides: list[str], fro
                     until: str | None):
     """The config, with everything it names checked (before Ray starts or anything is written)."""
     from ..pipeline import load_config
+    from ..trials import check_trials
     from ..validate import validate_config
 
     cfg = load_config(config, overrides, run_root)
     validate_config(cfg, check_inputs=True, from_stage=from_stage, until=until)
+    check_trials(cfg)
     return cfg
 
 
@@ -68,16 +70,17 @@ def run(
     address: str = typer.Option(None, "--address", help="Ray address (default: start a local Ray or use RAY_ADDRESS)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="check everything, print what would run, and exit"),
 ) -> None:
-    """Run (or resume) the whole SLSR pipeline."""
-    from ..pipeline import run_pipeline
+    """Run (or resume) the whole SLSR pipeline; with evaluate.trials > 1, once per protocol split
+    (CUHK03 classic, VIPeR) and the mean±std over the trials."""
     from ..raysetup import init_ray
+    from ..trials import run_protocol
 
     cfg = _checked_config(config, run_root, overrides, from_stage, until)
     if dry_run:
         _echo_plan(cfg, from_stage, until)
         return
     init_ray(address)
-    run_pipeline(cfg, from_stage=from_stage, until=until)
+    run_protocol(cfg, from_stage=from_stage, until=until)
 
 
 def check(

@@ -28,7 +28,9 @@ def load_dataset(
 
     ``name`` is one of :data:`DATASETS`. Protocol options are keyword arguments: ``split_id`` for
     ``viper`` (0..9) and ``cuhk03`` (0..19 classic), ``cuhk03_labeled`` / ``cuhk03_classic_split`` for
-    ``cuhk03``, ``seed`` for ``viper``, ``combine_val`` for ``msmt17``. ``synthetic`` reads a tree written by :func:`make_synthetic`
+    ``cuhk03``, ``seed`` for ``viper``, ``combine_val`` for ``msmt17``, ``multi_query`` for
+    ``market1501`` / ``synthetic`` (loads ``gt_bbox/`` into ``ds.multi_query``);
+    :func:`~slsr_ray.data.protocols.load_protocol` picks them from a protocol name. ``synthetic`` reads a tree written by :func:`make_synthetic`
     (and writes one with default settings first when ``root`` is empty).
 
     ``on_bad_images`` decodes every image once (see :func:`check_images`): ``"raise"`` fails on
@@ -44,9 +46,10 @@ def load_dataset(
     if os.path.isfile(root):
         raise DatasetError(f"dataset root {root} is a file", where="root", expected="a folder")
     if name == "synthetic":
+        multi_query = kwargs.pop("multi_query", False)
         if not os.path.isdir(os.path.join(root, "bounding_box_train")):
             make_synthetic(root, **kwargs)
-        ds = datasets.load_market1501(root)
+        ds = datasets.load_market1501(root, multi_query=multi_query)
         ds.name = "synthetic"
         return _checked(ds, on_bad_images)
     if not os.path.isdir(root):
@@ -57,7 +60,7 @@ def load_dataset(
 def _checked(ds: ReidDataset, on_bad_images: str | None) -> ReidDataset:
     if on_bad_images is None:
         return ds
-    for split in ("train", "query", "gallery"):
+    for split in ("train", "query", "gallery") + (("multi_query",) if ds.multi_query is not None else ()):
         table, bad = check_images(getattr(ds, split), on_error=on_bad_images)
         if bad and split == "train":
             table, _ = relabel(table)  # a dropped identity must not leave a hole in 0..N-1

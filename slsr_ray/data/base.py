@@ -138,6 +138,8 @@ class ReidDataset:
     query: pa.Table
     gallery: pa.Table
     extra: dict = field(default_factory=dict)
+    # Market-1501 multi-query: extra images of each query's (id, camera) from gt_bbox/ (None when not loaded)
+    multi_query: pa.Table | None = None
 
     @property
     def num_train_pids(self) -> int:
@@ -145,7 +147,8 @@ class ReidDataset:
 
     def split_stats(self) -> list[dict]:
         rows = []
-        for split in ("train", "query", "gallery"):
+        splits = ("train", "query", "gallery") + (("multi_query",) if self.multi_query is not None else ())
+        for split in splits:
             t = getattr(self, split)
             rows.append(
                 {

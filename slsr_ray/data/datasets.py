@@ -97,7 +97,8 @@ def parse_market_style(folder: str, *, relabel_ids: bool, drop_distractors: bool
     return table
 
 
-def _market_like(name: str, root: str, candidates: tuple[str, ...], max_cam: int) -> ReidDataset:
+def _market_like(name: str, root: str, candidates: tuple[str, ...], max_cam: int,
+                 multi_query: bool = False) -> ReidDataset:
     top = _find_top(root, candidates, "bounding_box_train")
     train = parse_market_style(
         os.path.join(top, "bounding_box_train"), relabel_ids=True, drop_distractors=True, max_cam=max_cam
@@ -111,12 +112,40 @@ def _market_like(name: str, root: str, candidates: tuple[str, ...], max_cam: int
     for split, t in (("train", train), ("query", query), ("gallery", gallery)):
         if t.num_rows == 0:
             raise DatasetError(f"{name}: the {split} split under {top} holds no images")
-    return ReidDataset(name=name, root=top, train=train, query=query, gallery=gallery)
+    ds = ReidDataset(name=name, root=top, train=train, query=query, gallery=gallery)
+    if multi_query:
+        ds.multi_query = _market_multi_query(top, query, max_cam)
+    return ds
 
 
-def load_market1501(root: str, **_) -> ReidDataset:
-    """Market-1501: 751 train ids / 12,936 images; 3,368 queries; 15,913 gallery images (torchreid)."""
-    return _market_like("market1501", root, ("Market-1501-v15.09.15", "market1501", "Market-1501"), max_cam=6)
+def _market_multi_query(top: str, query, max_cam: int):
+    """The ``gt_bbox/`` images that share a query's (id, camera), minus the query images themselves
+    (Market's queries are hand-drawn boxes from ``gt_bbox/``: same file name), for multi-query pooling."""
+    folder = os.path.join(top, "gt_bbox")
+    if not os.path.isdir(folder):
+        raise DatasetError(
+            f"{folder} does not exist: the multi_query protocol pools each query's (id, camera) images from "
+            "Market-1501's gt_bbox/ folder; use protocol single_query for a copy without it"
+        )
+    boxes = parse_market_style(folder, relabel_ids=False, drop_distractors=True, max_cam=max_cam)
+    groups = set(zip(query["pid"].to_pylist(), query["camid"].to_pylist(), strict=True))
+    query_names = {os.path.basename(p) for p in query["path"].to_pylist()}
+    keep = [
+        (p, pid, cam)
+        for p, pid, cam in zip(boxes["path"].to_pylist(), boxes["pid"].to_pylist(), boxes["camid"].to_pylist(),
+                               strict=True)
+        if (pid, cam) in groups and os.path.basename(p) not in query_names
+    ]
+    return make_table([k[0] for k in keep], [k[1] for k in keep], [k[2] for k in keep])
+
+
+def load_market1501(root: str, multi_query: bool = False, **_) -> ReidDataset:
+    """Market-1501: 751 train ids / 12,936 images; 3,368 queries; 15,913 gallery images (torchreid).
+
+    ``multi_query`` also loads ``gt_bbox/`` into ``ds.multi_query``: the extra images of each query's
+    (id, camera) that the multi-query protocol pools with the query."""
+    return _market_like("market1501", root, ("Market-1501-v15.09.15", "market1501", "Market-1501"), max_cam=6,
+                        multi_query=multi_query)
 
 
 def load_dukemtmcreid(root: str, **_) -> ReidDataset:
@@ -403,6 +432,21 @@ def _cuhk03_images(top: str, image_type: str) -> str:
     if not os.path.isfile(os.path.join(out_dir, _EXTRACTED_MARKER)):
         _cuhk03_extract(os.path.join(top, "cuhk03_release", "cuhk-03.mat"), image_type, out_dir)
     return out_dir
+
+
+def cuhk03_classic_split_count(root: str) -> int:
+    """How many classic (1367/100) splits the ``cuhk-03.mat`` under ``root`` defines (20 in the release)."""
+    import h5py
+
+    top = _find_top(root, ("cuhk03", "CUHK03"), "cuhk03_release")
+    mat_path = os.path.join(top, "cuhk03_release", "cuhk-03.mat")
+    if not os.path.isfile(mat_path):
+        raise DatasetError(f"{mat_path} is missing: the classic CUHK03 splits come from its 'testsets'")
+    try:
+        with h5py.File(mat_path, "r") as mat:
+            return len(mat["testsets"][0]) if "testsets" in mat else 0
+    except OSError as e:
+        raise DatasetError(f"cannot read {mat_path} as a MATLAB v7.3 file: {e}") from e
 
 
 def _cuhk03_classic(top: str, image_dir: str, split_id: int):

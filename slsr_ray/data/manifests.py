@@ -46,8 +46,10 @@ def upload_dataset(ds: ReidDataset, dest: str) -> ReidDataset:
         return t.set_column(t.schema.get_field_index("path"), "path", pa.array(new, pa.string()))
 
     out = ReidDataset(name=ds.name, root=dest, train=rebase(ds.train), query=rebase(ds.query),
-                      gallery=rebase(ds.gallery), extra=ds.extra)
-    missing = storage.missing_files([p for s in SPLITS for p in getattr(out, s)["path"].to_pylist()])
+                      gallery=rebase(ds.gallery), extra=ds.extra,
+                      multi_query=rebase(ds.multi_query) if ds.multi_query is not None else None)
+    splits = SPLITS + (("multi_query",) if out.multi_query is not None else ())
+    missing = storage.missing_files([p for s in splits for p in getattr(out, s)["path"].to_pylist()])
     if missing:
         raise storage.StorageError(f"{len(missing)} image(s) are missing after the upload, e.g. {missing[0]}",
                                    where=dest, expected="every manifest image copied (is a source file unreadable?)")
@@ -55,10 +57,12 @@ def upload_dataset(ds: ReidDataset, dest: str) -> ReidDataset:
 
 
 def write_manifests(ds: ReidDataset, out: str) -> dict[str, str]:
-    """Write ``{train,query,gallery}.parquet`` under ``out`` (staged: all three or none replace the
-    previous ones; other files in ``out`` are kept); returns their URIs."""
-    names = {f"{split}.parquet" for split in SPLITS}
+    """Write ``{train,query,gallery}.parquet`` under ``out`` (and ``multi_query.parquet`` when the
+    dataset was loaded for the multi-query protocol), staged: all of them or none replace the previous
+    ones; other files in ``out`` are kept. Returns their URIs."""
+    splits = SPLITS + (("multi_query",) if ds.multi_query is not None else ())
+    names = {f"{split}.parquet" for split in splits}
     with staged_folder(out, owned=lambda name: name in names) as tmp:
-        for split in SPLITS:
+        for split in splits:
             storage.write_table(storage.join(tmp, f"{split}.parquet"), to_manifest(getattr(ds, split)))
-    return {split: storage.join(storage.absolute(out), f"{split}.parquet") for split in SPLITS}
+    return {split: storage.join(storage.absolute(out), f"{split}.parquet") for split in splits}

@@ -10,6 +10,8 @@ Layout (as Market-1501)::
     root/bounding_box_train/0002_c1s1_000451_03.jpg   train ids
     root/bounding_box_test/...                        gallery: test ids, distractors (0000), junk (-1)
     root/query/...                                    one image per test id and camera
+    root/gt_bbox/...                                  each query again plus more images of its id and
+                                                      camera (Market's multi-query boxes; optional)
 
 Difficulty (seed 0, 100 ids, 6 cameras, 12 images/id, 128x64): a nearest neighbour on raw
 pixels (cosine on mean-centred 64x32 pixels, Market rules) gets a rank-1 of 12 % and mAP of 8 %
@@ -30,7 +32,7 @@ from ..staging import staged_folder
 from .base import DatasetError
 
 SUMMARY_FILE = "synthetic.json"  # written last: its presence marks a complete dataset
-OWNED = ("bounding_box_train", "bounding_box_test", "query", SUMMARY_FILE)
+OWNED = ("bounding_box_train", "bounding_box_test", "query", "gt_bbox", SUMMARY_FILE)
 MIN_SIDE = 16  # the renderer's body parts and clutter need this many pixels
 
 PALETTE = np.array(
@@ -158,6 +160,8 @@ def make_synthetic(
     num_distractors: int = 30,
     num_junk: int = 10,
     overwrite: bool = False,
+    gt_bbox: bool = True,
+    gt_bbox_per_query: int = 3,
 ) -> dict:
     """Write a synthetic re-id dataset at ``root`` in the Market-1501 layout and return its summary.
 
@@ -165,13 +169,22 @@ def make_synthetic(
     identity gets one query per camera it was seen in (at least two cameras) and the rest of its images
     go to the gallery, with ``num_distractors`` images of pid 0000 and ``num_junk`` of pid -1 added.
     ``size`` is (height, width). Deterministic for a given ``seed``.
+
+    ``gt_bbox`` also writes Market's ``gt_bbox/`` folder for the multi-query protocol:
+    ``gt_bbox_per_query`` images per query (id, camera), the query image itself (same file name, as
+    in Market-1501) and new renderings of that person in that camera. They come from their own random
+    stream, so every other image is the same with or without them.
     """
     root = os.path.abspath(os.fspath(root))
     _check_params(root, num_ids, cams, images_per_id, seed, size, num_distractors, num_junk, overwrite)
+    if gt_bbox and gt_bbox_per_query < 1:
+        raise DatasetError("invalid synthetic dataset setting", where="gt_bbox_per_query",
+                           expected=f"expected >= 1 (it counts the query itself), got {gt_bbox_per_query}")
     # Written into a staging folder and swapped in when complete: a failure (or --overwrite) never
     # leaves a half-written dataset or costs the previous one.
     with staged_folder(root, marker=SUMMARY_FILE, owned=lambda name: name in OWNED) as stage:
-        summary = _write(stage, num_ids, cams, images_per_id, seed, size, num_distractors, num_junk)
+        summary = _write(stage, num_ids, cams, images_per_id, seed, size, num_distractors, num_junk,
+                         gt_bbox, gt_bbox_per_query)
     return summary
 
 
@@ -194,7 +207,8 @@ def _check_params(root, num_ids, cams, images_per_id, seed, size, num_distractor
                            expected="a new or empty folder; pass --overwrite (overwrite=True) to replace it")
 
 
-def _write(root: str, num_ids, cams, images_per_id, seed, size, num_distractors, num_junk) -> dict:
+def _write(root: str, num_ids, cams, images_per_id, seed, size, num_distractors, num_junk,
+           gt_bbox: bool, gt_bbox_per_query: int) -> dict:
     h, w = size
     rng = np.random.default_rng(seed)
     cameras = [_camera(rng) for _ in range(cams)]
@@ -205,7 +219,7 @@ def _write(root: str, num_ids, cams, images_per_id, seed, size, num_distractors,
         os.makedirs(d, exist_ok=True)
     counter = 0
 
-    def save(folder: str, pid: int, cam: int, arr: np.ndarray) -> None:
+    def save(folder: str, pid: int, cam: int, arr: np.ndarray) -> str:
         nonlocal counter
         counter += 1
         pid_s = "-1" if pid == -1 else f"{pid:04d}"
@@ -214,6 +228,9 @@ def _write(root: str, num_ids, cams, images_per_id, seed, size, num_distractors,
         if cameras[cam]["blur"] > 0.2:
             img = img.filter(ImageFilter.GaussianBlur(cameras[cam]["blur"]))
         img.save(os.path.join(folder, name), quality=90)
+        return name
+
+    queries = []  # (pid, camera, file name, person) of each query image, for gt_bbox/
 
     for i, person in enumerate(people):
         pid = i + 1  # Market ids start at 1; 0 is the distractor id
@@ -232,7 +249,9 @@ def _write(root: str, num_ids, cams, images_per_id, seed, size, num_distractors,
                 queried.add(cam)
             else:
                 folder = dirs["bounding_box_test"]
-            save(folder, pid, cam, arr)
+            name = save(folder, pid, cam, arr)
+            if folder == dirs["query"]:
+                queries.append((pid, cam, name, person))
     for _ in range(num_distractors):  # pid 0: people who are nobody's match
         cam = int(rng.integers(cams))
         save(dirs["bounding_box_test"], 0, cam, _render(_identity(rng), cameras[cam], rng, h, w))
@@ -240,6 +259,8 @@ def _write(root: str, num_ids, cams, images_per_id, seed, size, num_distractors,
         cam = int(rng.integers(cams))
         arr = np.clip(_background(rng, h, w, cameras[cam]["bg"]), 0, 255).astype(np.uint8)
         save(dirs["bounding_box_test"], -1, cam, arr)
+    if gt_bbox:
+        dirs["gt_bbox"] = _write_gt_bbox(root, queries, cameras, gt_bbox_per_query, seed, size, save)
     summary = {
         "num_ids": num_ids,
         "num_train_ids": num_train,
@@ -255,3 +276,19 @@ def _write(root: str, num_ids, cams, images_per_id, seed, size, num_distractors,
     with open(os.path.join(root, SUMMARY_FILE), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def _write_gt_bbox(root: str, queries: list, cameras: list, per_query: int, seed: int, size: tuple[int, int],
+                   save) -> str:
+    """Market's ``gt_bbox/``: each query image under its own name plus ``per_query - 1`` new images of
+    the same person in the same camera, from a random stream of their own."""
+    import shutil
+
+    folder = os.path.join(root, "gt_bbox")
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng([seed, 1])
+    for pid, cam, name, person in queries:
+        shutil.copyfile(os.path.join(root, "query", name), os.path.join(folder, name))
+        for _ in range(per_query - 1):
+            save(folder, pid, cam, _render(person, cameras[cam], rng, *size))
+    return folder

@@ -9,6 +9,10 @@
   with :func:`aggregate_trials` over the 20 splits.
 * VIPeR: 10 random halves of the identities, camera A images as queries, camera B as gallery, mean and
   std -- :func:`random_half_splits`, :func:`evaluate_viper`.
+
+:func:`evaluate_split` scores one trial the way a protocol of :mod:`slsr_ray.data.protocols` asks
+(``market``, ``multi_query`` or ``single_shot``), with and without re-ranking; the pipeline and
+``slsr evaluate`` both use it, and :func:`aggregate_trials` averages the trials.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from .metrics import (
     _check_max_rank,
     check_distmat,
     check_features,
+    compute_distance_matrix,
     evaluate_features,
     evaluate_rank,
 )
@@ -34,17 +39,21 @@ POOLING = ("max", "mean")
 
 
 # ------------------------------------------------------------------------------------- multi-query
-def pool_multi_query(qf, q_pids, q_camids, pool: str = "mean") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pool_multi_query(qf, q_pids, q_camids, pool: str = "mean", extra=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Merge query features of the same (pid, camera) into one by ``max`` or ``mean`` pooling.
 
-    Returns ``(pooled_features, pids, camids)``, one row per distinct (pid, camera), sorted by pid then
-    camera. To use Market-1501's extra multi-query images (``gt_bbox``), pass them stacked with the queries.
+    ``extra`` = ``(features, pids, camids)`` adds more images per query group: Market-1501's
+    ``gt_bbox/`` images (``ReidDataset.multi_query``); rows whose (pid, camera) has no query are
+    ignored. Returns ``(pooled_features, pids, camids)``, one row per distinct query (pid, camera),
+    sorted by pid then camera.
     """
     if pool not in POOLING:
         raise ValueError(f"pool must be one of {POOLING}, got {pool!r}")
     qf = check_features(qf, "qf")
     q_pids = _as_1d_int("q_pids", q_pids, len(qf))
     q_camids = _as_1d_int("q_camids", q_camids, len(qf))
+    if extra is not None:
+        qf, q_pids, q_camids = _with_extra(qf, q_pids, q_camids, *extra)
     keys, group = np.unique(np.stack([q_pids, q_camids], 1), axis=0, return_inverse=True)
     group = torch.from_numpy(group.reshape(-1))
     src = torch.from_numpy(qf)
@@ -57,11 +66,74 @@ def pool_multi_query(qf, q_pids, q_camids, pool: str = "mean") -> tuple[np.ndarr
     return out.numpy(), keys[:, 0].copy(), keys[:, 1].copy()
 
 
+def _with_extra(qf, q_pids, q_camids, ef, e_pids, e_camids):
+    ef = check_features(ef, "extra features") if len(ef) else np.zeros((0, qf.shape[1]), np.float32)
+    if ef.shape[1] != qf.shape[1]:
+        raise ValueError(f"extra features have dimension {ef.shape[1]}, queries {qf.shape[1]}")
+    e_pids = _as_1d_int("extra pids", e_pids, len(ef))
+    e_camids = _as_1d_int("extra camids", e_camids, len(ef))
+    groups = {(int(p), int(c)) for p, c in zip(q_pids, q_camids, strict=True)}
+    keep = np.array([(int(p), int(c)) in groups for p, c in zip(e_pids, e_camids, strict=True)], dtype=bool)
+    return (np.concatenate([qf, ef[keep]]), np.concatenate([q_pids, e_pids[keep]]),
+            np.concatenate([q_camids, e_camids[keep]]))
+
+
 def evaluate_multi_query(qf, gf, q_pids, g_pids, q_camids, g_camids, pool: str = "mean",
-                         metric: str = "euclidean", max_rank: int = 50) -> dict:
-    """Market-1501 multi-query: pool queries per (pid, camera), then evaluate like single-query."""
-    pooled, pids, cams = pool_multi_query(qf, q_pids, q_camids, pool)
+                         metric: str = "euclidean", max_rank: int = 50, extra=None) -> dict:
+    """Market-1501 multi-query: pool queries (and ``extra`` gt_bbox images) per (pid, camera), then
+    evaluate like single-query."""
+    pooled, pids, cams = pool_multi_query(qf, q_pids, q_camids, pool, extra=extra)
     return evaluate_features(pooled, gf, pids, g_pids, cams, g_camids, metric=metric, max_rank=max_rank)
+
+
+# ------------------------------------------------------------------------------ one trial of a protocol
+SINGLE_SHOT_REPEATS = 10  # torchreid's eval_cuhk03 default
+
+
+def evaluate_split(evaluation: str, qf, gf, q_pids, g_pids, q_camids, g_camids, *, metric: str = "euclidean",
+                   max_rank: int = 50, multi_query=None, rerank: dict | None = None, seed: int = 0) -> dict:
+    """Score one train/test split: ``{"plain": metrics, "rerank": metrics}`` (``rerank`` only when
+    ``rerank`` holds the k1/k2/lambda_value of :func:`re_ranking_features`).
+
+    ``evaluation``: ``market`` (every gallery image, Market rules), ``single_shot`` (CUHK03 classic: one
+    random gallery image per identity, :data:`SINGLE_SHOT_REPEATS` draws seeded by ``seed``) or
+    ``multi_query`` (queries mean-pooled per (id, camera) with the ``multi_query`` = ``(features, pids,
+    camids)`` gt_bbox images; also returns the single-query scores as ``single_query`` /
+    ``single_query_rerank``).
+    """
+    from .rerank import re_ranking_features
+
+    if evaluation not in ("market", "multi_query", "single_shot"):
+        raise ValueError(f"evaluation must be 'market', 'multi_query' or 'single_shot', got {evaluation!r}")
+    ids = (np.asarray(q_pids), np.asarray(g_pids), np.asarray(q_camids), np.asarray(g_camids))
+
+    def score(q, q_ids, suffix: str) -> dict:
+        out = {}
+        args = (q_ids[0], ids[1], q_ids[1], ids[3])
+        if evaluation == "single_shot":
+            dist = compute_distance_matrix(q, gf, metric)
+            out[f"plain{suffix}"] = evaluate_cuhk03_single_shot(
+                dist, *args, max_rank=max_rank, num_repeats=SINGLE_SHOT_REPEATS, seed=seed)
+        else:
+            out[f"plain{suffix}"] = evaluate_features(q, gf, *args, metric=metric, max_rank=max_rank)
+        if rerank is not None:
+            dist = re_ranking_features(q, gf, metric=metric, **rerank)
+            if evaluation == "single_shot":
+                out[f"rerank{suffix}"] = evaluate_cuhk03_single_shot(
+                    dist, *args, max_rank=max_rank, num_repeats=SINGLE_SHOT_REPEATS, seed=seed)
+            else:
+                out[f"rerank{suffix}"] = evaluate_rank(dist, *args, max_rank=max_rank)
+        return out
+
+    if evaluation != "multi_query":
+        return score(qf, (ids[0], ids[2]), "")
+    if multi_query is None:
+        raise ValueError("the multi_query evaluation needs multi_query=(features, pids, camids) of the gt_bbox images")
+    pooled, p_pids, p_cams = pool_multi_query(qf, ids[0], ids[2], "mean", extra=multi_query)
+    results = score(pooled, (p_pids, p_cams), "")
+    single = score(qf, (ids[0], ids[2]), "")
+    results.update({("single_query" if k == "plain" else "single_query_rerank"): v for k, v in single.items()})
+    return results
 
 
 # ------------------------------------------------------------------------------- CUHK03 single-shot
@@ -140,20 +212,28 @@ def aggregate_trials(results: Sequence[dict | RankResult]) -> dict:
 
 
 def random_half_splits(pids, trials: int = 10, seed: int = 0) -> list[np.ndarray]:
-    """``trials`` random halves of the distinct identities in ``pids`` (the test ids of each VIPeR trial)."""
+    """The test halves of ``trials`` VIPeR splits of the distinct identities in ``pids``: exactly the
+    ids that :func:`slsr_ray.data.load_viper` with the same ``seed`` leaves out of split *i*'s training
+    half (the complement of its floor(n/2) training ids)."""
+    from ..data.datasets import make_viper_splits
+
     uniq = np.unique(_as_1d_int("pids", pids))
     if len(uniq) < 2:
         raise ValueError(f"pids needs at least 2 distinct identities to split in halves, got {len(uniq)}")
-    rng = np.random.default_rng(seed)
-    return [np.sort(rng.permutation(uniq)[: len(uniq) // 2]) for _ in range(trials)]
+    return [np.asarray(s["test"], dtype=np.int64) for s in make_viper_splits(uniq.tolist(), seed, trials)]
 
 
-def evaluate_viper(features, pids, camids, trials: int = 10, seed: int = 0, metric: str = "euclidean",
-                   max_rank: int = 50, test_splits: Sequence[np.ndarray] | None = None) -> dict:
+def evaluate_viper(features, pids, camids, *, trained_on: Sequence[int], trials: int = 10, seed: int = 0,
+                   metric: str = "euclidean", max_rank: int = 50,
+                   test_splits: Sequence[np.ndarray] | None = None) -> dict:
     """VIPeR protocol: per trial, the test half's camera-A images query its camera-B images.
 
-    ``camids`` must hold two cameras (the smaller id is camera A). ``test_splits`` overrides the random
-    halves (e.g. the ids a trained model did not see). Returns :func:`aggregate_trials` of the trials.
+    ``camids`` must hold two cameras (the smaller id is camera A). The halves are
+    :func:`random_half_splits` (those of ``load_viper`` for ``seed``) unless ``test_splits`` is given.
+    ``trained_on`` lists the ids the model saw in training (empty for a model trained on other data):
+    a test half holding any of them is refused, since one model trained on split *i* has seen most of
+    split *j*'s test ids -- train one model per trial (``slsr run`` with ``evaluate.trials``) and pass
+    each its own split's half. Returns :func:`aggregate_trials` of the trials.
     """
     features = check_features(features, "features")
     pids = _as_1d_int("pids", pids, len(features))
@@ -162,6 +242,14 @@ def evaluate_viper(features, pids, camids, trials: int = 10, seed: int = 0, metr
     if len(cams) != 2:
         raise ValueError(f"camids must hold exactly two cameras for VIPeR, got {cams.tolist()}")
     splits = test_splits if test_splits is not None else random_half_splits(pids, trials, seed)
+    seen = set(_as_1d_int("trained_on", trained_on).tolist()) if len(trained_on) else set()
+    for i, test_ids in enumerate(splits):
+        leaked = sorted(seen.intersection(np.asarray(test_ids).tolist()))
+        if leaked:
+            raise ValueError(
+                f"trial {i}'s test half holds {len(leaked)} identities the model was trained on "
+                f"(e.g. {leaked[:5]}); evaluate each trial with a model trained on that trial's split"
+            )
     results = []
     for test_ids in splits:
         in_test = np.isin(pids, test_ids)
