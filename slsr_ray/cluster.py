@@ -105,8 +105,14 @@ def _make_index(d: int, use_gpu: bool):
     if use_gpu:
         import ray
 
+        from .gpu import warn_no_cuda
+
         global _GPU_RES
-        if ray.get_gpu_ids() and hasattr(faiss, "StandardGpuResources"):
+        if not hasattr(faiss, "StandardGpuResources"):
+            warn_no_cuda("k-means assignment", "faiss has no GPU support (pip install 'slsr-ray[gpu]')")
+        elif not ray.get_gpu_ids() or faiss.get_num_gpus() == 0:
+            warn_no_cuda("k-means assignment", "faiss sees no GPU")
+        else:
             if _GPU_RES is None:
                 _GPU_RES = faiss.StandardGpuResources()
             return faiss.GpuIndexFlatL2(_GPU_RES, d)
@@ -339,7 +345,15 @@ def _lloyd(shards: _Shards, init: np.ndarray, max_iter: int, shift_tol: float, i
     import ray
 
     k = len(init)
-    assign = _remote(_assign_shard, num_gpus=gpu_per_task) if use_gpu else _remote(_assign_shard)
+    if use_gpu:
+        from . import gpu
+
+        cpus = max(0.01, gpu.cpus_beside(len(shards.refs), gpu_per_task, 1.0))  # GPU nodes may have few CPUs
+        # max_calls=0: Ray would start a fresh process for every GPU task (max_calls=1 by default),
+        # i.e. a new process, imports and faiss GPU resources per shard and iteration
+        assign = _remote(_assign_shard, num_gpus=gpu_per_task, num_cpus=cpus, max_calls=0)
+    else:
+        assign = _remote(_assign_shard)
     centroids = init.astype(np.float32)
     prev_inertia = math.inf
     converged = False
@@ -404,7 +418,8 @@ def kmeans(
     rows (seeded from ``seed``), then iterates until the squared centroid shift is below ``tol`` times
     the mean per-dimension data variance (scikit-learn's rule) or the inertia improves by less than
     ``inertia_tol`` (relative), or ``max_iter``. The restart with the lowest inertia is returned.
-    ``use_gpu``: None = use faiss GPU indexes when the cluster has GPUs and faiss has GPU support.
+    ``use_gpu``: None = assignment tasks on the GPU nodes when the cluster has GPUs (faiss GPU indexes
+    there; a task whose faiss has no GPU support uses the CPU index and logs it once).
     ``init``: explicit [k, d] starting centroids (then a single run, no k-means++).
     """
     if not isinstance(k, int | np.integer) or k < 1:
@@ -415,11 +430,14 @@ def kmeans(
     n = shards.n
     if k > n:
         raise ClusteringError(f"k={k} is larger than the number of feature rows ({n})")
-    if use_gpu is None:
-        import faiss
+    if use_gpu is None:  # a task without faiss GPU support there falls back to the CPU index and says so
+        use_gpu = _cluster_gpus() > 0
+    gpu_per_task = 0.0
+    if use_gpu:  # every shard's task on a GPU share at once (shares that fit each node's GPUs)
+        from . import gpu
 
-        use_gpu = _cluster_gpus() > 0 and hasattr(faiss, "StandardGpuResources")
-    gpu_per_task = min(1.0, _cluster_gpus() / len(shards.refs)) if use_gpu else 0.0
+        gpu_per_task = gpu.share(len(shards.refs))
+        gpu.check_request(gpu_per_task or 1.0, 1, "k-means assignment (use_gpu=True)")
     shift_tol = tol * shards.mean_var
     if init is not None:
         init = np.asarray(init, dtype=np.float32)

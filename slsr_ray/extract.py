@@ -149,7 +149,9 @@ class Extractor:
         import torch
 
         torch.set_num_threads(max(1, threads))
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        from .gpu import device_for
+
+        self.device = device_for(use_gpu, "extraction actor")
         if checkpoint is not None:
             from .models import load_model
 
@@ -215,36 +217,50 @@ def check_images(paths: list[str], show: int = 5) -> None:
         )
 
 
-def _resources(cfg: ExtractConfig) -> tuple[int, float, str]:
-    """(num_actors, gpus per actor, decode mode) from the config and the cluster's resources."""
+def _resources(cfg: ExtractConfig) -> tuple[int, float, str, float]:
+    """(num_actors, gpus per actor, decode mode, cpus per actor) from the config and the cluster's nodes."""
     import ray
 
-    res = ray.cluster_resources()
-    cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
-    num_gpus = cfg.num_gpus if cfg.num_gpus is not None else (1.0 if gpus >= 1 else 0.0)
-    if num_gpus > 0 and gpus == 0:
-        raise ExtractError(f"num_gpus={num_gpus} per actor but the Ray cluster has no GPUs (it would wait forever)")
+    from . import gpu
+
+    cpus = float(ray.cluster_resources().get("CPU", 0))
+    nodes = gpu.gpu_nodes()
+    num_gpus = cfg.num_gpus if cfg.num_gpus is not None else (1.0 if gpu.slots(1.0, nodes) >= 1 else 0.0)
+    try:
+        gpu.check_request(num_gpus, 1, f"extraction (num_gpus={num_gpus:g} per actor)")
+    except gpu.GpuRequestError as e:
+        raise ExtractError(str(e)) from e
     # auto: on GPUs a separate CPU decode stage keeps the GPU fed; on CPU clusters decoding inside the
     # model actors is faster (measured: 0.87x vs 0.42x a plain DataLoader on 2 idle cores)
     decode = cfg.decode if cfg.decode != "auto" else ("tasks" if num_gpus > 0 else "actor")
     if num_gpus > 0:
-        num_actors = cfg.num_actors or max(1, int(gpus // num_gpus))
-        if num_actors * num_gpus > gpus:
-            raise ExtractError(f"{num_actors} actors x {num_gpus} GPUs exceed the cluster's {gpus:g} GPUs")
-    else:
-        decode_reserve = max(1.0, cpus // 4) if decode == "tasks" else 0.0
-        num_actors = cfg.num_actors or max(1, int((cpus - decode_reserve) // cfg.cpus_per_actor))
+        # one actor per GPU place, each with at most the CPUs its node has beside its GPU (an actor
+        # asking for more CPUs than any GPU node has would wait forever)
+        places = gpu.slots(num_gpus, nodes)
+        num_actors = cfg.num_actors or places
+        if num_actors > places:
+            raise ExtractError(f"{num_actors} actors x {num_gpus:g} GPUs exceed the cluster's GPUs "
+                               f"({sum(n.gpus for n in nodes):g} on {len(nodes)} node(s))")
+        cpus_per_actor = gpu.cpus_beside(num_actors, num_gpus, cfg.cpus_per_actor, nodes)
+        if decode == "tasks" and cpus - num_actors * cpus_per_actor < cfg.decode_cpus:
+            if cfg.decode != "auto":
+                raise ExtractError(f"decode='tasks' needs {cfg.decode_cpus:g} CPU free of the {num_actors} GPU "
+                                   f"actors (cluster has {cpus:g} CPUs)")
+            decode = "actor"  # no CPU left for decode tasks: the actors decode
+        return num_actors, num_gpus, decode, cpus_per_actor
+    decode_reserve = max(1.0, cpus // 4) if decode == "tasks" else 0.0
+    num_actors = cfg.num_actors or max(1, int((cpus - decode_reserve) // cfg.cpus_per_actor))
     if num_actors * cfg.cpus_per_actor > cpus:
         raise ExtractError(
             f"{num_actors} actors x {cfg.cpus_per_actor:g} CPUs exceed the cluster's {cpus:g} CPUs (it would wait forever)"
         )
-    fused = num_gpus == 0 and cfg.decode_cpus == cfg.cpus_per_actor  # Ray Data runs the decode in the actors
+    fused = cfg.decode_cpus == cfg.cpus_per_actor  # Ray Data runs the decode in the actors
     if decode == "tasks" and not fused and num_actors * cfg.cpus_per_actor >= cpus:
         # Decode tasks need a free CPU next to the actors; keep one.
         if cfg.num_actors is not None:
             raise ExtractError(f"decode='tasks' needs a CPU free of the {num_actors} actors (cluster has {cpus:g})")
         num_actors = max(1, num_actors - 1)
-    return num_actors, num_gpus, decode
+    return num_actors, num_gpus, decode, cfg.cpus_per_actor
 
 
 def _is_extraction_file(name: str) -> bool:
@@ -274,7 +290,7 @@ def extract_features(manifest: str | pa.Table, checkpoint, output_dir: str, cfg:
         check_images(paths)
     if not ray.is_initialized():
         ray.init()
-    num_actors, num_gpus, decode = _resources(cfg)
+    num_actors, num_gpus, decode, cpus_per_actor = _resources(cfg)
 
     if isinstance(checkpoint, ModelConfig):
         model = build_model(checkpoint)  # logs that the backbone is randomly initialised
@@ -309,19 +325,19 @@ def extract_features(manifest: str | pa.Table, checkpoint, output_dir: str, cfg:
             "checkpoint": ckpt_uri, "model_config": model_config, "state_ref": state_ref,
             "feature": cfg.feature, "height": cfg.height, "width": cfg.width,
             "decode_in_actor": decode == "actor", "use_gpu": num_gpus > 0,
-            "threads": max(1, int(cfg.cpus_per_actor)),
+            "threads": max(1, int(cpus_per_actor)),
         },
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         batch_size=cfg.batch_size,
         batch_format="numpy",
         num_gpus=num_gpus,
-        num_cpus=cfg.cpus_per_actor,
+        num_cpus=cpus_per_actor,
         udf_modifying_row_count=False,
     )
     # Written into a staging folder swapped in when complete: a failed or killed extraction never
     # costs the previous features in output_dir.
     with staged_folder(output_dir, marker=SUCCESS_MARKER, owned=_is_extraction_file) as stage:
-        fs, fs_path = storage.filesystem(stage)
+        fs, fs_path = storage.portable_filesystem(stage)  # the write tasks build their own S3 client
         start = time.perf_counter()
         log.info("extracting %d images with %d actor(s) (%g GPU each, decode in %s) -> %s", n, num_actors,
                  num_gpus, decode, output_dir)

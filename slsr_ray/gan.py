@@ -251,7 +251,9 @@ class GanTrainerCore:
         self.ckpt_uri = checkpoint_uri(self.gan_dir, self.cluster)
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from .gpu import device_for, gpu_assigned
+
+        self.device = device_for(gpu_assigned(), f"GAN actor of cluster {self.cluster}")
         self.arch = cfg.arch()
         self.fingerprint = _fingerprint(paths)
         self.num_assigned = len(paths)
@@ -523,21 +525,30 @@ def plot_losses(losses: list[dict], cluster: int) -> bytes:
 def actor_resources(cfg: GanConfig, num_clusters: int) -> tuple[float, float]:
     """(num_cpus, num_gpus) per actor so that all ``num_clusters`` actors fit on the cluster at once.
 
-    GPUs are only requested when ``ray.cluster_resources()`` has them (asking for a GPU on a CPU-only
-    cluster would hang); with fewer GPUs than clusters the actors share them fractionally.
+    GPUs are only requested when the cluster has GPU nodes (asking for a GPU on a CPU-only cluster
+    would hang); with fewer GPUs than clusters the actors share them fractionally, in shares that fit
+    each node's GPUs (two 1-GPU nodes hold three actors at 1/2, not at 2/3), and GPU actors ask for no
+    more CPUs than the GPU nodes have beside their GPUs.
     """
+    from . import gpu
+
     res = ray.cluster_resources()
-    gpus, cpus = float(res.get("GPU", 0)), float(res.get("CPU", 1))
+    cpus = float(res.get("CPU", 1))
+    nodes = gpu.gpu_nodes()
     if cfg.num_gpus is not None:
         num_gpus = float(cfg.num_gpus)
-        if num_gpus > 0 and gpus == 0:
-            raise GanError(f"num_gpus={num_gpus} per GAN actor, but the Ray cluster has no GPUs")
+        try:
+            gpu.check_request(num_gpus, num_clusters, f"gan.num_gpus={num_gpus:g} per GAN actor")
+        except gpu.GpuRequestError as e:
+            raise GanError(str(e)) from e
     else:
-        num_gpus = 0.0 if gpus == 0 else min(1.0, math.floor(gpus / num_clusters * 1e4) / 1e4)
+        num_gpus = gpu.share(num_clusters, nodes)
     if cfg.num_cpus is not None:
         num_cpus = float(cfg.num_cpus)
     else:
         num_cpus = max(0.01, min(8.0, math.floor(cpus / num_clusters * 100) / 100))
+        if num_gpus > 0:
+            num_cpus = max(0.01, gpu.cpus_beside(num_clusters, num_gpus, num_cpus, nodes))
     return num_cpus, num_gpus
 
 

@@ -77,7 +77,9 @@ def _generate_cluster(
     batch_size: int, quality: int,
 ) -> list[str]:
     """Write images 0..count-1 of one cluster (skipping files already there); returns their URIs."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from .gpu import device_for, gpu_assigned
+
+    device = device_for(gpu_assigned(), "generation task")
     ckpt = load_checkpoint(ckpt_uri, device)
     arch = DCGANArch(**ckpt["arch"])
     G, _ = build_dcgan(arch)
@@ -183,8 +185,12 @@ def generate_images(
     bar = tqdm(total=len(jobs), desc=f"generating {count} images", unit="cluster", disable=not progress)
     paths: dict[int, list[str]] = {}
     if use_ray:
-        gpus = float(ray.cluster_resources().get("GPU", 0))
-        task = _generate_cluster_task.options(num_gpus=1 if gpus >= 1 else 0, num_cpus=1)
+        from . import gpu
+
+        nodes = gpu.gpu_nodes()  # one GPU per cluster's task where there are GPUs, with a CPU beside it
+        num_gpus = gpu.share(1, nodes)
+        num_cpus = max(0.01, gpu.cpus_beside(1, num_gpus, 1.0, nodes)) if num_gpus else 1.0
+        task = _generate_cluster_task.options(num_gpus=num_gpus, num_cpus=num_cpus)
         refs = {task.remote(*args): c for c, args in jobs.items()}
         pending = list(refs)
         while pending:

@@ -11,6 +11,12 @@ stores such as MinIO or moto). How long to wait for S3 is set by ``SLSR_S3_CONNE
 default 3), ``SLSR_S3_READ_TIMEOUT`` (seconds without an answer, default 5) and ``SLSR_S3_RETRIES``
 (attempts per request, default 2): an endpoint that accepts connections and never answers fails in
 about 10 s, and the error names the endpoint.
+
+Credentials never leave the process that found them: the S3 filesystem is built without explicit
+keys (the AWS SDK's default chain reads the environment, profile or instance role of whichever process
+uses it), so pickling it (Ray ships filesystems to Ray Data write tasks and Ray Train workers) carries
+only the endpoint, region and timeouts. :func:`portable_filesystem` is the one to hand to Ray: the
+node that unpickles it checks its own credentials first and names the URI when it has none.
 """
 
 from __future__ import annotations
@@ -93,57 +99,86 @@ _S3_LOCK = threading.Lock()
 _S3_CACHE: dict[tuple, pafs.S3FileSystem] = {}
 
 
-def check_s3_credentials() -> None:
-    """Fail early with a clear message when no AWS credentials can be found."""
+def check_s3_credentials(uri: str | None = None) -> None:
+    """Fail early with a clear message (naming ``uri``) when no AWS credentials can be found here."""
     import boto3
 
-    creds = boto3.Session().get_credentials()
-    if creds is None:
+    if boto3.Session().get_credentials() is None:
+        import socket
+
         raise StorageError(
-            "no AWS credentials found for the s3:// run root: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-            "AWS_PROFILE, or run on a node with an instance profile / IRSA role"
+            f"no AWS credentials found on {socket.gethostname()} (pid {os.getpid()}) to access "
+            f"{uri or 'the s3:// run root'}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE on "
+            "every node, or run on nodes with an instance profile / IRSA role"
         )
 
 
-def s3_filesystem() -> pafs.S3FileSystem:
-    """A pyarrow S3 filesystem configured from the AWS environment (cached per endpoint/credentials)."""
+def _s3_options() -> dict[str, Any]:
+    """The non-secret settings of the S3 filesystem: region, endpoint, timeouts, retries."""
     import boto3
 
-    session = boto3.Session()
-    creds = session.get_credentials()
-    if creds is None:
-        check_s3_credentials()
-    frozen = creds.get_frozen_credentials()
-    endpoint = _s3_endpoint()
-    region = session.region_name or os.environ.get("AWS_REGION") or "us-east-1"
+    region = boto3.Session().region_name or os.environ.get("AWS_REGION") or "us-east-1"
     waits = s3_timeouts()
-    key = (frozen.access_key, frozen.secret_key, frozen.token, endpoint, region, tuple(waits.values()))
+    options: dict[str, Any] = dict(
+        region=region, connect_timeout=waits["connect"], request_timeout=waits["read"],
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=int(waits["retries"])),
+    )
+    endpoint = _s3_endpoint()
+    if endpoint:
+        options["endpoint_override"] = endpoint.split("://", 1)[-1]
+        options["scheme"] = "https" if endpoint.startswith("https://") else "http"
+    return options
+
+
+def s3_filesystem(uri: str | None = None) -> pafs.S3FileSystem:
+    """A pyarrow S3 filesystem configured from the AWS environment (cached per endpoint/region/waits);
+    StorageError naming ``uri`` when this process has no credentials."""
+    check_s3_credentials(uri)
+    options = _s3_options()
+    # the retry strategy is an object: the key holds its attempt count instead
+    key = (*sorted((k, v) for k, v in options.items() if k != "retry_strategy"), s3_timeouts()["retries"])
     with _S3_LOCK:
         fs = _S3_CACHE.get(key)
         if fs is None:
-            kwargs: dict[str, Any] = dict(
-                access_key=frozen.access_key,
-                secret_key=frozen.secret_key,
-                session_token=frozen.token,
-                region=region,
-                connect_timeout=waits["connect"],
-                request_timeout=waits["read"],
-                retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=int(waits["retries"])),
-            )
-            if endpoint:
-                scheme = "https" if endpoint.startswith("https://") else "http"
-                kwargs["endpoint_override"] = endpoint.split("://", 1)[-1]
-                kwargs["scheme"] = scheme
-            fs = pafs.S3FileSystem(**kwargs)
-            _S3_CACHE[key] = fs
+            # No access_key/secret_key: the SDK's default chain resolves them in the process that uses
+            # the filesystem, and pyarrow pickles such a filesystem without any credentials.
+            fs = _S3_CACHE[key] = pafs.S3FileSystem(**options)
     return fs
+
+
+class NodeLocalS3FileSystem(pafs.S3FileSystem):
+    """An S3 filesystem to hand to Ray (Ray Data sinks, Ray Train / Tune storage): it pickles as its URI
+    and non-secret options only, and the node that unpickles it checks its own credentials (a clear
+    error naming the URI when it has none) and builds its own client."""
+
+    def __init__(self, options: dict[str, Any], uri: str):
+        super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3), **options)
+        self._slsr_options, self._slsr_uri = dict(options), uri
+
+    def __reduce__(self):
+        return (_node_local_s3, (self._slsr_options, self._slsr_uri))
+
+
+def _node_local_s3(options: dict[str, Any], uri: str) -> NodeLocalS3FileSystem:
+    check_s3_credentials(uri)
+    return NodeLocalS3FileSystem(options, uri)
 
 
 def filesystem(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and the path inside it for ``uri``."""
     uri = str(uri)
     if is_s3(uri):
-        return s3_filesystem(), uri[len("s3://") :]
+        return s3_filesystem(uri), uri[len("s3://") :]
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def portable_filesystem(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """Like :func:`filesystem`, for a filesystem Ray ships to other nodes (see
+    :class:`NodeLocalS3FileSystem`): no credentials travel with it."""
+    uri = str(uri)
+    if is_s3(uri):
+        check_s3_credentials(uri)
+        return NodeLocalS3FileSystem(_s3_options(), uri), uri[len("s3://") :]
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
@@ -317,7 +352,7 @@ def check_writable(root: str | os.PathLike) -> None:
     """Prove ``root`` accepts writes (and deletes the probe); raises StorageError naming the root."""
     root = str(root)
     if is_s3(root):
-        check_s3_credentials()
+        check_s3_credentials(root)
     probe = join(root, f".write-probe-{uuid.uuid4().hex[:8]}")
     try:
         write_bytes(probe, b"ok")

@@ -327,7 +327,10 @@ def _train_loop_per_worker(config: dict) -> None:
     rows = config["rows"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    from .gpu import device_for
+
+    # a worker Ray gave a GPU on a node without CUDA trains on CPU tensors (and says so once)
+    device = device_for(ray.train.torch.get_device().type == "cuda", f"Ray Train worker {rank}")
     on_gpu = device.type == "cuda"
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
 
@@ -366,7 +369,7 @@ def _train_loop_per_worker(config: dict) -> None:
         pin_memory=on_gpu,
         persistent_workers=cfg.loader_workers > 0,
     )
-    loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False)
+    loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False, move_to_device=on_gpu)
     iters_per_epoch = len(sampler) // per_worker_batch
     total_iters = iters_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -388,7 +391,7 @@ def _train_loop_per_worker(config: dict) -> None:
         last_checkpoint_epoch = state["epoch"]
         if rank == 0:
             log.info("resumed from the checkpoint of epoch %d (restart %d)", state["epoch"], resumes)
-    model = ray.train.torch.prepare_model(raw_model)  # DDP across workers (a no-op wrap for one)
+    model = ray.train.torch.prepare_model(raw_model, move_to_device=device)  # DDP across workers (no-op for one)
     fault = _parse_fault(config.get("fault"))
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -515,12 +518,26 @@ def resume_key(cfg: TrainConfig, rows: dict, init_checkpoint: str | None) -> str
     return config_hash("train-run", settings, rows, init)
 
 
-def _decide_gpu(use_gpu: bool | None) -> bool:
-    if use_gpu is not None:
-        return use_gpu
-    import ray
+def _gpu_workers(cfg: TrainConfig) -> tuple[bool, int, float]:
+    """(use_gpu, num_workers, CPUs per worker). ``use_gpu=None``: one GPU per worker when the cluster has
+    GPUs, with fewer workers (same global batch) when it has GPUs for fewer than ``num_workers`` (DDP
+    ranks cannot share a GPU, and a worker group that does not fit waits forever); ``use_gpu=True`` with
+    too few GPUs is a :class:`~slsr_ray.gpu.GpuRequestError`."""
+    from . import gpu
 
-    return ray.cluster_resources().get("GPU", 0) >= 1
+    if cfg.use_gpu is False:
+        return False, cfg.num_workers, cfg.cpus_per_worker
+    nodes = gpu.gpu_nodes()
+    places = gpu.slots(1.0, nodes)
+    if cfg.use_gpu:
+        gpu.check_request(1.0, cfg.num_workers, f"train.use_gpu=true with {cfg.num_workers} worker(s)", together=True)
+    elif places == 0:
+        return False, cfg.num_workers, cfg.cpus_per_worker
+    workers = min(cfg.num_workers, places)
+    if workers < cfg.num_workers:
+        log.warning("the Ray cluster has whole GPUs for %d of %d train workers: training with %d GPU worker(s), "
+                    "same global batch", places, cfg.num_workers, workers)
+    return True, workers, max(0.01, gpu.cpus_beside(workers, 1.0, cfg.cpus_per_worker, nodes))
 
 
 def run_training(
@@ -541,7 +558,9 @@ def run_training(
     NaN/inf loss (the last good Ray checkpoint stays under ``output_dir``)."""
     import ray
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from . import gpu
 
     t0 = time.perf_counter()
     output_dir = storage.absolute(output_dir)
@@ -551,7 +570,9 @@ def run_training(
     cfg = TrainConfig.from_dict({**asdict(cfg), "model": model_cfg})
     if not ray.is_initialized():
         ray.init()
-    use_gpu = _decide_gpu(cfg.use_gpu)
+    use_gpu, num_workers, cpus_per_worker = _gpu_workers(cfg)
+    if num_workers != cfg.num_workers:
+        cfg = TrainConfig.from_dict({**asdict(cfg), "num_workers": num_workers})
     status_uri = storage.join(output_dir, STATUS_FILE)
     storage.remove(status_uri)
     log.info(
@@ -567,15 +588,18 @@ def run_training(
         "fault": os.environ.get(FAULT_ENV),
     }
     if storage.is_s3(output_dir):
-        storage_path, storage_fs = output_dir[len("s3://") :], storage.s3_filesystem()
+        # a filesystem that carries no credentials: each worker uses its own node's
+        storage_fs, storage_path = storage.portable_filesystem(output_dir)
     else:
         storage_path, storage_fs = os.path.abspath(output_dir), None
-    resources = None if use_gpu else {"CPU": cfg.cpus_per_worker}
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
     run_name = f"{cfg.run_name}-{resume_key(cfg, rows, init_checkpoint)}"
     log.info("Ray Train run %s under %s (resumes only a run with this exact config)", run_name, output_dir)
     trainer = TorchTrainer(
         _train_loop_per_worker,
         train_loop_config=loop_config,
+        # NCCL, or gloo where a GPU node has no CUDA (its workers then train on CPU tensors)
+        torch_config=TorchConfig(backend=gpu.ddp_backend()) if use_gpu else None,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),

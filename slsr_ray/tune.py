@@ -497,7 +497,7 @@ def _storage(layout: SweepLayout) -> tuple[str, object, str]:
     """(storage_path, storage_filesystem, experiment path) for the Tune experiment."""
     if storage.is_s3(layout.root):
         path = layout.root[len("s3://"):]
-        return path, storage.s3_filesystem(), f"{path}/{EXPERIMENT_NAME}"
+        return path, storage.portable_filesystem(layout.root)[0], f"{path}/{EXPERIMENT_NAME}"
     path = os.path.abspath(layout.root)
     return path, None, os.path.join(path, EXPERIMENT_NAME)
 

@@ -34,7 +34,7 @@ def upload_dataset(ds: ReidDataset, dest: str) -> ReidDataset:
                            where="--upload-images", expected=f"images under {src} (only that folder is copied)")
     fs, path = storage.filesystem(dest)
     if storage.is_s3(dest):
-        storage.check_s3_credentials()
+        storage.check_s3_credentials(dest)
     try:
         pafs.copy_files(src, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     except OSError as e:
