@@ -10,6 +10,7 @@ downstream (their hashes chain).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -89,10 +90,39 @@ def begin_stage(run_root: str, stage: str, stage_hash: str, force: bool = False)
         except (ValueError, storage.StorageError):
             resume = False
     if not resume:
-        storage.remove(folder)
+        _set_aside(folder)
     storage.write_json(running, {"stage": stage, "hash": stage_hash,
                                  "started": datetime.now(UTC).isoformat()})
     return resume
+
+
+def _previous(folder: str) -> str:
+    parent, name = os.path.split(folder)
+    return os.path.join(parent, f".{name}.previous")
+
+
+def _set_aside(folder: str) -> None:
+    """Clear ``folder`` for a new run of its stage. On a local run root a *finished* earlier result
+    (it has a marker) is moved to ``.<name>.previous`` next to it, so that it is not lost before its
+    replacement is ready (:func:`run_stage` puts it back if the stage fails); partial leftovers of
+    another config are deleted. S3 has no rename (copying a stage's objects would cost more than the
+    stage): there the folder is deleted as before."""
+    if storage.is_s3(folder) or not storage.exists(storage.join(folder, MARKER)):
+        storage.remove(folder)
+        return
+    storage.remove(_previous(folder))
+    os.rename(folder, _previous(folder))
+
+
+def _restore_previous(folder: str) -> None:
+    """After a failed run: the earlier result back in place, without its marker (the stage was asked to
+    rerun and did not finish, so it counts as not done; its artifacts are the earlier ones, intact)."""
+    prev = _previous(folder)
+    if storage.is_s3(folder) or not os.path.isdir(prev):
+        return
+    storage.remove(folder)
+    os.rename(prev, folder)
+    storage.remove(storage.join(folder, MARKER))
 
 
 def write_record(run_root: str, stage: str, stage_hash: str, started: float, outputs: dict) -> StageRecord:
@@ -123,7 +153,15 @@ def run_stage(run_root: str, stage: str, stage_hash: str, fn, force: bool = Fals
     resumed = begin_stage(run_root, stage, stage_hash, force=force)
     echo(f"[{tag}] {stage:<18} {'resuming' if resumed else 'running'} ...")
     started = time.time()
-    rec = write_record(run_root, stage, stage_hash, started, fn())
+    folder = storage.join(run_root, stage)
+    try:
+        outputs = fn()
+    except Exception:  # not on Ctrl-C / a kill: an interrupted run keeps its state to resume from
+        _restore_previous(folder)
+        raise
+    rec = write_record(run_root, stage, stage_hash, started, outputs)
+    if not storage.is_s3(folder):
+        storage.remove(_previous(folder))  # the new result is complete: the earlier one can go
     echo(f"[{tag}] {stage:<18} finished in {rec.seconds:.1f}s")
     return rec, True
 

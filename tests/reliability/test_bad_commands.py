@@ -382,6 +382,49 @@ def test_check_prints_the_plan_and_accepts_the_membership_rules(ctx: Ctx):
                     "train/slsr": "would run", "evaluate/slsr": "would run"}, result.output
 
 
+def test_valid_weights_pass_the_checks(ctx: Ctx):
+    """No false alarms: a real torchvision resnet18 state dict is accepted as ``pretrained``."""
+    weights = ctx.file("r18.pth", corpus.torch_file(corpus.resnet18_state_dict()))
+    result, _ = invoke(ctx.run_args("--set", f"pretrained={weights}", command="check"))
+    assert result.exit_code == 0 and "config valid" in result.stdout, result.output
+
+
+def test_user_error_raised_in_a_ray_task_is_one_line(ray_session, capsys):
+    """Ray re-raises a worker's error wrapped in its own traceback text: the one error path unwraps it."""
+    from slsr_ray.cluster import ClusteringError
+    from slsr_ray.errors import report_error
+
+    @ray_session.remote
+    def fails():
+        raise ClusteringError("K=[9] larger than the number of identities (8)", where="cluster.k")
+
+    with pytest.raises(ClusteringError) as err:
+        ray_session.get(fails.remote())
+    assert report_error(err.value) == 2
+    assert capsys.readouterr().err == "error: K=[9] larger than the number of identities (8) (cluster.k)\n"
+
+
+def test_staged_folder_on_s3_swaps_only_when_complete(s3_bucket):
+    """S3 has no rename: the finished objects are copied in, the marker last; a failure leaves the
+    destination as it was and removes the staging prefix."""
+    from slsr_ray.staging import staged_folder
+
+    dest = f"{s3_bucket}/run/features"
+    for name, data in (("a.parquet", b"old"), ("_SUCCESS", b""), ("notes.txt", b"mine")):
+        storage.write_bytes(f"{dest}/{name}", data)
+    owned = lambda n: n.endswith(".parquet")  # noqa: E731
+    with pytest.raises(RuntimeError, match="half-way"), staged_folder(dest, marker="_SUCCESS", owned=owned) as tmp:
+        storage.write_bytes(f"{tmp}/b.parquet", b"new")
+        raise RuntimeError("half-way")
+    assert storage.listdir(dest) == ["_SUCCESS", "a.parquet", "notes.txt"]
+    assert storage.listdir(f"{s3_bucket}/run") == ["features"]
+    with staged_folder(dest, marker="_SUCCESS", owned=owned) as tmp:
+        storage.write_bytes(f"{tmp}/b.parquet", b"new")
+        storage.write_bytes(f"{tmp}/_SUCCESS", b"")
+    assert storage.listdir(dest) == ["_SUCCESS", "b.parquet", "notes.txt"]
+    assert storage.read_bytes(f"{dest}/notes.txt") == b"mine" and storage.listdir(f"{s3_bucket}/run") == ["features"]
+
+
 def test_verbose_adds_the_traceback(ctx: Ctx):
     result, _ = invoke(["-v", *ctx.run_args("--set", "train.lam=-0.5")])
     assert result.exit_code == 2 and "Traceback" in result.stderr and result.stderr.strip().splitlines()[-1].startswith(

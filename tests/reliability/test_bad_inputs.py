@@ -380,6 +380,7 @@ def test_failed_forced_rerun_leaves_no_stale_marker(tmp_path):
         run_pipeline(cfg, from_stage="prepare", **quiet)
     assert first is not None and read_record(cfg.run_root, "prepare") is None
     assert storage.read_table(os.path.join(cfg.run_root, "prepare", "train.parquet")).equals(before)
+    assert not os.path.exists(os.path.join(cfg.run_root, ".prepare.previous"))  # the set-aside copy went back
     # on_bad_image=skip: the stage finishes without the bad image, train ids stay 0..N-1
     cfg = load_config("synthetic", [*overrides, "data.on_bad_image=skip"], run_root=str(tmp_path / "run"))
     with warnings.catch_warnings(record=True) as caught:
@@ -389,7 +390,7 @@ def test_failed_forced_rerun_leaves_no_stale_marker(tmp_path):
     train = storage.read_table(os.path.join(cfg.run_root, "prepare", "train.parquet"))
     assert train.num_rows == 3 and bad not in train["path"].to_pylist()
     assert sorted(set(train["pid"].to_pylist())) == [0, 1]
-    assert no_temp_files(cfg.run_root) == []
+    assert no_temp_files(cfg.run_root) == [] and not os.path.exists(os.path.join(cfg.run_root, ".prepare.previous"))
 
 
 # ------------------------------------------------------------------------------------------ extraction
