@@ -1,16 +1,24 @@
-"""k-means on N x 2,048 float32: our Ray-task k-means vs faiss.Kmeans (one process) vs scikit-learn.
+"""k-means on N x 2,048 float32: our Ray k-means vs faiss.Kmeans vs scikit-learn, same iterations.
 
-All three get the same data, K, seed and iteration budget; every inertia is recomputed the same way
-(exact nearest-centroid search with faiss on the full data, summed in float64) so they compare.
+All get the same data, K, seed and iteration budget; every inertia is recomputed the same way (exact
+nearest-centroid search with faiss on the full data, summed in float64) so they compare.
 
-* ``fixed`` rows: exactly ``ITERS`` Lloyd iterations for everyone (faiss always runs its ``niter``;
-  ours and scikit-learn get ``tol=0``), so times compare per iteration.
+* ``fixed`` rows: exactly ``ITERS`` Lloyd iterations for ours (``tol=None``) and faiss (``niter``).
+  scikit-learn cannot be forced past a fixed point (it stops when no label changes, even at
+  ``tol=0``), so its rows also give the time per iteration it ran.
 * ``converge`` rows: ours and scikit-learn with their default tolerance (faiss has no early stop).
 
-Ours includes putting the array into the object store (``ours_put_s`` shows that part); Ray start-up is
-excluded; faiss's time includes the search that labels the data (the others return labels). The
-data is an overlapping Gaussian mixture of 20 groups in 2,048-d, non-negative like pooled ReLU
-features. Sizes: ``small`` N = 20,000, ``market`` N = 200,000.
+Our time is k-means on shards already in the object store (as the cluster stage has them: tasks read
+the feature parquet into it); ``ours_put_s`` is what putting an in-memory array there and checking it
+costs, and ``ratio_with_put`` includes it. Every mode of ours is timed (``local``: the whole k-means
+in one task; ``tasks``: a task per shard and iteration; ``auto`` picks by size) to locate the
+crossover. The peers run inside a Ray task given the same CPUs as ours: Ray runs its workers at
+nice 15, so on a shared machine a peer in the driver would get more CPU than ours. Every timing is
+the minimum of ``REPEAT`` runs, taken in interleaved rounds (ours, faiss, scikit-learn, ours, ...) so
+load from others on a shared machine hits every method alike; all times are kept in the JSON.
+
+Data: an overlapping Gaussian mixture of 20 groups in 2,048-d, non-negative like pooled ReLU
+features. Sizes: ``small`` N = 20,000; ``market`` N = 200,000; ``scan`` 20k, 50k, 100k and 200k.
 
     python benchmarks/bench_kmeans.py --size small
 """
@@ -23,10 +31,11 @@ import time
 import numpy as np
 from common import chosen_size, report, size_parser
 
-SIZES = {"small": 20_000, "market": 200_000}
+SIZES = {"small": (20_000,), "market": (200_000,), "scan": (20_000, 50_000, 100_000, 200_000)}
 DIM = 2048
 ITERS = 20
 KS = (3, 5)
+REPEAT = 3
 
 
 def make_data(n: int, d: int = DIM, groups: int = 20, seed: int = 0) -> np.ndarray:
@@ -34,7 +43,7 @@ def make_data(n: int, d: int = DIM, groups: int = 20, seed: int = 0) -> np.ndarr
     centers = rng.gamma(2.0, 0.5, size=(groups, d)).astype(np.float32)
     X = np.empty((n, d), np.float32)
     which = rng.integers(groups, size=n)
-    for start in range(0, n, 20_000):  # chunked to keep the float64 temporaries small
+    for start in range(0, n, 20_000):  # chunked to keep the temporaries small
         stop = min(n, start + 20_000)
         noise = rng.standard_normal((stop - start, d), dtype=np.float32) * 2.0
         X[start:stop] = np.maximum(centers[which[start:stop]] + noise, 0)
@@ -53,87 +62,139 @@ def exact_inertia(X: np.ndarray, centroids: np.ndarray) -> float:
     return total
 
 
-def _ours(X, k, fixed, seed):
-    from slsr_ray.cluster import kmeans, to_shards
-
-    t0 = time.perf_counter()
-    shards = to_shards(X)
-    t_put = time.perf_counter() - t0
-    if fixed:
-        res = kmeans(shards, k, n_init=1, max_iter=ITERS, tol=0.0, inertia_tol=-1.0, seed=seed)
-    else:
-        res = kmeans(shards, k, n_init=1, seed=seed)
-    total = time.perf_counter() - t0
-    return total, t_put, res.centroids, res.n_iter
-
-
-def _faiss(X, k, seed):
+def _peer(X: np.ndarray, k: int, which: str, fixed: bool, seed: int, cpus: int) -> dict:
+    """faiss or scikit-learn, timed inside a Ray task that holds ``cpus`` CPUs (like ours)."""
     import faiss
+    from threadpoolctl import threadpool_limits
+
+    faiss.omp_set_num_threads(cpus)
+    with threadpool_limits(limits=cpus):
+        t0 = time.perf_counter()
+        if which == "faiss":
+            km = faiss.Kmeans(X.shape[1], k, niter=ITERS, seed=seed, max_points_per_centroid=len(X))
+            km.train(X)
+            km.index.search(X, 1)  # the labels: ours and scikit-learn return them too
+            out = {"centroids": km.centroids, "iters": ITERS}
+        else:
+            from sklearn.cluster import KMeans
+
+            km = KMeans(k, n_init=1, random_state=seed, max_iter=ITERS if fixed else 300,
+                        tol=0.0 if fixed else 1e-4).fit(X)
+            out = {"centroids": km.cluster_centers_, "iters": int(km.n_iter_)}
+        return {**out, "seconds": time.perf_counter() - t0}
+
+
+def _ours(shards, k: int, mode: str, fixed: bool, seed: int) -> dict:
+    from slsr_ray.kmeans import kmeans
 
     t0 = time.perf_counter()
-    km = faiss.Kmeans(X.shape[1], k, niter=ITERS, seed=seed, max_points_per_centroid=len(X), verbose=False)
-    km.train(X)
-    km.index.search(X, 1)  # the labels: ours and scikit-learn return them too
-    return time.perf_counter() - t0, km.centroids, ITERS
+    res = (kmeans(shards, k, n_init=1, max_iter=ITERS, tol=None, seed=seed, mode=mode) if fixed
+           else kmeans(shards, k, n_init=1, seed=seed, mode=mode))
+    return {"centroids": res.centroids, "iters": res.n_iter, "seconds": time.perf_counter() - t0}
 
 
-def _sklearn(X, k, fixed, seed):
-    from sklearn.cluster import KMeans
+def _interleaved(runs: dict, repeat: int) -> dict:
+    """Call every ``runs[name]()`` once per round, ``repeat`` rounds (so a burst of load on the shared
+    machine hits all of them alike); per name the fastest result plus all the times."""
+    results: dict = {name: [] for name in runs}
+    for _ in range(repeat):
+        for name, fn in runs.items():
+            results[name].append(fn())
+    out = {}
+    for name, rs in results.items():
+        best = dict(min(rs, key=lambda r: r["seconds"]))
+        best["all_seconds"] = [round(r["seconds"], 3) for r in rs]
+        out[name] = best
+    return out
 
-    t0 = time.perf_counter()
-    km = KMeans(k, n_init=1, random_state=seed, max_iter=ITERS if fixed else 300, tol=0.0 if fixed else 1e-4)
-    km.fit(X)
-    return time.perf_counter() - t0, km.cluster_centers_, int(km.n_iter_)
 
-
-def run(size: str = "small") -> list[dict]:
+def _init_ray(nbytes: int) -> int:
     import ray
 
-    n = SIZES[size]
-    X = make_data(n)
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(include_dashboard=False, object_store_memory=max(300 * 2**20, int(X.nbytes * 2.5)))
-        from ray.data import DataContext
+        # the peer task's function lives in this module: let the (local) workers import it
+        here, root = os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, root, os.environ.get("PYTHONPATH")) if p)
+        ray.init(include_dashboard=False, object_store_memory=max(300 * 2**20, int(nbytes * 2.5) + 2**28))
+    return int(ray.cluster_resources().get("CPU", 1))
 
-        DataContext.get_current().enable_progress_bars = False
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    _ours(X[:2000], 2, True, 0)  # warm the Ray workers (imports) so start-up is not timed
+
+def _rows_for(X: np.ndarray, k: int, size: str, cpus: int, repeat: int) -> list[dict]:
+    import ray
+
+    from slsr_ray.kmeans import LOCAL_MAX_BYTES, to_shards
+
+    n = len(X)
+    t0 = time.perf_counter()
+    shards = to_shards(X)
+    put_s = time.perf_counter() - t0
+    xref = ray.put(X)
+    peer = ray.remote(num_cpus=cpus)(_peer)
+    auto_mode = "local" if n * DIM * 4 <= LOCAL_MAX_BYTES else "tasks"
+    got = _interleaved({
+        "faiss": lambda: ray.get(peer.remote(xref, k, "faiss", True, 0, cpus)),
+        "sklearn": lambda: ray.get(peer.remote(xref, k, "sklearn", True, 0, cpus)),
+        "local": lambda: _ours(shards, k, "local", True, 0),
+        "tasks": lambda: _ours(shards, k, "tasks", True, 0),
+        "sklearn_conv": lambda: ray.get(peer.remote(xref, k, "sklearn", False, 0, cpus)),
+        "auto_conv": lambda: _ours(shards, k, "auto", False, 0),
+    }, repeat)
+    inertia = {name: exact_inertia(X, r["centroids"]) for name, r in got.items()}
+    base = {"size": size, "n": n, "d": DIM, "k": k, "cpus": cpus, "ours_put_s": put_s}
     rows = []
-    for k in KS:
-        ours_s, put_s, ours_c, ours_it = _ours(X, k, True, 0)
-        ours_inertia = exact_inertia(X, ours_c)
-        f_s, f_c, f_it = _faiss(X, k, 0)
-        f_inertia = exact_inertia(X, f_c)
-        s_s, s_c, s_it = _sklearn(X, k, True, 0)
-        s_inertia = exact_inertia(X, s_c)
-        base = {"size": size, "n": n, "d": DIM, "k": k, "cpus": cpus, "ours_iters": ours_it,
-                "ours_put_s": round(put_s, 3), "ours_inertia": ours_inertia}
-        rows.append({**base, "name": f"kmeans fixed {ITERS} iters k={k}", "ours_s": ours_s, "peer": "faiss.Kmeans",
-                     "peer_s": f_s, "ratio": ours_s / f_s, "peer_iters": f_it, "peer_inertia": f_inertia,
-                     "inertia_rel_diff": (ours_inertia - f_inertia) / f_inertia})
-        rows.append({**base, "name": f"kmeans fixed {ITERS} iters k={k}", "ours_s": ours_s,
-                     "peer": "sklearn.KMeans", "peer_s": s_s, "ratio": ours_s / s_s, "peer_iters": s_it,
-                     "peer_inertia": s_inertia, "inertia_rel_diff": (ours_inertia - s_inertia) / s_inertia})
-        ours_s, put_s, ours_c, ours_it = _ours(X, k, False, 0)
-        ours_inertia = exact_inertia(X, ours_c)
-        s_s, s_c, s_it = _sklearn(X, k, False, 0)
-        s_inertia = exact_inertia(X, s_c)
-        rows.append({**base, "name": f"kmeans to convergence k={k}", "ours_s": ours_s, "ours_iters": ours_it,
-                     "ours_put_s": round(put_s, 3), "ours_inertia": ours_inertia, "peer": "sklearn.KMeans",
-                     "peer_s": s_s, "ratio": ours_s / s_s, "peer_iters": s_it, "peer_inertia": s_inertia,
-                     "inertia_rel_diff": (ours_inertia - s_inertia) / s_inertia})
+    for mode in ("local", "tasks"):
+        ours = got[mode]
+        common = {**base, "name": f"kmeans fixed {ITERS} iters k={k} n={n} mode={mode}"
+                  + (" (auto)" if mode == auto_mode else ""), "mode": mode, "auto": mode == auto_mode,
+                  "ours_s": ours["seconds"], "ours_all_s": ours["all_seconds"], "ours_iters": ours["iters"],
+                  "ours_per_iter_ms": 1000 * ours["seconds"] / ours["iters"], "ours_inertia": inertia[mode]}
+        for name, key in (("faiss.Kmeans", "faiss"), ("sklearn.KMeans", "sklearn")):
+            r = got[key]
+            rows.append({**common, "peer": name, "peer_s": r["seconds"], "peer_all_s": r["all_seconds"],
+                         "peer_iters": r["iters"], "peer_per_iter_ms": 1000 * r["seconds"] / r["iters"],
+                         "ratio": ours["seconds"] / r["seconds"],
+                         "ratio_with_put": (ours["seconds"] + put_s) / r["seconds"],
+                         "per_iter_ratio": (ours["seconds"] / ours["iters"]) / (r["seconds"] / r["iters"]),
+                         "peer_inertia": inertia[key],
+                         "inertia_rel_diff": (inertia[mode] - inertia[key]) / inertia[key]})
+    ours, sk = got["auto_conv"], got["sklearn_conv"]
+    rows.append({**base, "name": f"kmeans to convergence k={k} n={n} mode=auto ({auto_mode})", "mode": auto_mode,
+                 "ours_s": ours["seconds"], "ours_all_s": ours["all_seconds"], "ours_iters": ours["iters"],
+                 "ours_inertia": inertia["auto_conv"], "peer": "sklearn.KMeans", "peer_s": sk["seconds"],
+                 "peer_all_s": sk["all_seconds"], "peer_iters": sk["iters"], "ratio": ours["seconds"] / sk["seconds"],
+                 "peer_inertia": inertia["sklearn_conv"],
+                 "inertia_rel_diff": (inertia["auto_conv"] - inertia["sklearn_conv"]) / inertia["sklearn_conv"]})
     return rows
 
 
+def run(size: str = "small", repeat: int = REPEAT) -> list[dict]:
+    """Rows for every N of ``size`` and K in ``KS``: each mode of ours vs faiss and scikit-learn."""
+    from slsr_ray.kmeans import kmeans
+
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {list(SIZES)}, got {size!r}")
+    cpus = _init_ray(max(SIZES[size]) * DIM * 4)
+    warm = make_data(2000)
+    for mode in ("local", "tasks"):  # start the Ray workers and their imports outside the timings
+        kmeans(warm, 2, n_init=1, max_iter=2, tol=None, mode=mode)
+    rows = []
+    for n in SIZES[size]:
+        X = make_data(n)
+        for k in KS:
+            rows += _rows_for(X, k, size, cpus, repeat)
+        del X
+    return rows
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    args = size_parser(__doc__, SIZES).parse_args(argv)
+    parser = size_parser(__doc__, SIZES)
+    parser.add_argument("--repeat", type=int, default=REPEAT, help="runs per measurement (the minimum is kept)")
+    args = parser.parse_args(argv)
     size = chosen_size(args)
-    cols = ["name", "peer", "ours_s", "peer_s", "ratio", "ours_iters", "peer_iters", "ours_inertia",
-            "peer_inertia", "inertia_rel_diff", "ours_put_s"]
-    return report("kmeans", size, run(size), cols)
+    cols = ["name", "peer", "ours_s", "peer_s", "ratio", "per_iter_ratio", "ours_iters", "peer_iters",
+            "ours_per_iter_ms", "peer_per_iter_ms", "inertia_rel_diff", "ours_put_s"]
+    return report("kmeans", size, run(size, args.repeat), cols)
 
 
 if __name__ == "__main__":

@@ -51,9 +51,14 @@ def run_bench(name: str, size: str) -> list[dict]:
     module = importlib.import_module(f"bench_{name}")
     t0 = time.perf_counter()
     rows = module.run(size)
+    from common import check_rows
+
+    check_rows(rows)  # a negative or impossible figure fails this benchmark, loudly
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     for r in rows:
         r.setdefault("bench", name)
         r["bench_wall_s"] = round(time.perf_counter() - t0, 2)
+        r["measured_at"] = stamp
     return rows
 
 
@@ -122,9 +127,21 @@ def scaling_curves(out_png: Path) -> dict:
     return curves
 
 
+def kept_rows(path: Path, rerun: list[str]) -> list[dict]:
+    """Rows of the benchmarks *not* rerun now, from the previous ``all-<size>.json`` (each keeps its
+    ``measured_at``), so ``--only kmeans`` does not drop the other benchmarks' numbers."""
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    stamp = old.get("measured_at", "unknown")
+    return [{**r, "measured_at": r.get("measured_at", stamp)} for r in old.get("rows", [])
+            if r.get("bench") not in rerun]
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| bench | case | ours (s) | peer | peer (s) | ratio | notes |", "|---|---|---|---|---|---|---|"]
-    skip = {"bench", "name", "ours_s", "peer", "peer_s", "ratio", "bench_wall_s"}
+    skip = {"bench", "name", "ours_s", "peer", "peer_s", "ratio", "bench_wall_s", "ours_all_s", "peer_all_s",
+            "input_check"}
     for r in rows:
         notes = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if k not in skip)
         fmt = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else str(v)  # noqa: E731
@@ -168,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # one broken benchmark must not hide the others
             failures[name] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
-    out = {"size": args.size, "machine": info, "rows": rows, "failures": failures}
     path = RESULTS / f"all-{args.size}.json"
+    rows = kept_rows(path, args.only) + rows
+    out = {"size": args.size, "machine": info, "rows": rows, "failures": failures}
     path.write_text(json.dumps(out, indent=2, default=str))  # before the curves: keep what is measured
     if args.scaling or args.only_scaling:
         try:

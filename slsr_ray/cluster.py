@@ -1,11 +1,9 @@
 """Step 3 of Algorithm 1: distributed k-means over feature shards, silhouette-based choice of K, and the
 identity -> cluster membership (S_c) that the GAN and training stages consume.
 
-K-means runs as Ray tasks over feature shards held in the object store. Each iteration puts the
-current centroids in the object store once; one task per shard assigns its rows with faiss
-(``IndexFlatL2`` on CPU, a faiss GPU index when the task was given a GPU) and returns per-cluster
-partial sums, counts, its inertia and its farthest points; the driver reduces them into new centroids.
-Only ``k x d`` numbers travel per shard and iteration, so the features never gather on the driver.
+K-means itself (Lloyd over feature shards in the Ray object store, k-means++ seeding, empty-cluster
+re-seeding) is :mod:`slsr_ray.kmeans`; its names are re-exported here. The features never gather on
+the driver: tasks read the parquet shards into the object store and the k-means steps run next to them.
 
 Artifact written by :func:`run_clustering` (names and keys are a contract)::
 
@@ -23,7 +21,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -31,7 +28,19 @@ import numpy as np
 import pyarrow as pa
 
 from . import storage
-from .errors import SlsrError
+from .feature_shards import _check_finite, _default_num_shards
+from .kmeans import (  # noqa: F401  (re-exported: the kernel used to live here)
+    INIT_SAMPLE_SIZE,
+    LOCAL_MAX_BYTES,
+    ClusteringError,
+    KMeansResult,
+    _gather_rows,
+    _remote,
+    _Shards,
+    kmeans,
+    kmeans_plusplus,
+    to_shards,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,140 +48,7 @@ log = logging.getLogger(__name__)
 #: points keep it to a few seconds on two cores while the sampling error of the mean stays ~0.3 %.
 SILHOUETTE_SAMPLE_SIZE = 10_000
 
-#: Default number of points k-means++ seeds from (a uniform sample of the data, seeded).
-INIT_SAMPLE_SIZE = 10_000
-
-# Rows per faiss search / partial-sum chunk inside a shard task: bounds the task's scratch memory.
-_CHUNK_ROWS = 16_384
-
 MEMBERSHIP_RULES = ("majority", "any", "min_share")
-
-
-class ClusteringError(SlsrError, ValueError):
-    """Bad input to clustering: wrong K, non-finite features, empty shards, too few identities."""
-
-
-@dataclass
-class KMeansResult:
-    """Best run of :func:`kmeans`: ``centroids`` float32 [k, d], ``labels`` int64 [n] (in shard order),
-    ``inertia`` (sum of squared distances to the assigned centroid), ``n_iter`` (Lloyd iterations)."""
-
-    centroids: np.ndarray
-    labels: np.ndarray
-    inertia: float
-    n_iter: int
-    converged: bool = True
-
-
-# --------------------------------------------------------------------------------------------------
-# Shard tasks (run on any node; they see only object-store data)
-# --------------------------------------------------------------------------------------------------
-
-
-def _shard_stats(shard: np.ndarray) -> dict:
-    """Rows, dims, non-finite count and the column sums needed for the data variance."""
-    if not isinstance(shard, np.ndarray) or shard.ndim != 2:
-        shape = getattr(shard, "shape", type(shard).__name__)
-        return {"error": f"expected a 2-D float32 array, got {shape}"}
-    n, d = shard.shape
-    nonfinite = 0
-    first_bad = -1
-    col_sum = np.zeros(d, np.float64)
-    col_sq = np.zeros(d, np.float64)
-    for start in range(0, n, _CHUNK_ROWS):
-        chunk = shard[start : start + _CHUNK_ROWS]
-        # A row sum is NaN/inf when any entry is (or when float32 overflows: also unusable features).
-        bad = ~np.isfinite(chunk.sum(axis=1, dtype=np.float64))
-        if bad.any():
-            if first_bad < 0:
-                first_bad = start + int(np.flatnonzero(bad)[0])
-            nonfinite += int(bad.sum())
-            continue
-        col_sum += chunk.sum(axis=0, dtype=np.float64)
-        col_sq += np.einsum("ij,ij->j", chunk, chunk, dtype=np.float64)
-    return {
-        "n": n, "d": d, "dtype": str(shard.dtype), "nonfinite": nonfinite, "first_bad": first_bad,
-        "col_sum": col_sum, "col_sq": col_sq,
-    }
-
-
-_GPU_RES = None
-
-
-def _make_index(d: int, use_gpu: bool):
-    import faiss
-
-    if use_gpu:
-        import ray
-
-        from .gpu import warn_no_cuda
-
-        global _GPU_RES
-        if not hasattr(faiss, "StandardGpuResources"):
-            warn_no_cuda("k-means assignment", "faiss has no GPU support (pip install 'slsr-ray[gpu]')")
-        elif not ray.get_gpu_ids() or faiss.get_num_gpus() == 0:
-            warn_no_cuda("k-means assignment", "faiss sees no GPU")
-        else:
-            if _GPU_RES is None:
-                _GPU_RES = faiss.StandardGpuResources()
-            return faiss.GpuIndexFlatL2(_GPU_RES, d)
-    return faiss.IndexFlatL2(d)
-
-
-def _assign_shard(shard: np.ndarray, centroids: np.ndarray, want_labels: bool, num_far: int, use_gpu: bool) -> dict:
-    """Assign every row of ``shard`` to its nearest centroid; return the partial k-means statistics."""
-    import scipy.sparse as sp
-
-    k, d = centroids.shape
-    index = _make_index(d, use_gpu)
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    n = shard.shape[0]
-    sums = np.zeros((k, d), np.float64)
-    counts = np.zeros(k, np.int64)
-    dists = np.empty(n, np.float32)
-    labels = np.empty(n, np.int64)
-    for start in range(0, n, _CHUNK_ROWS):
-        chunk = np.ascontiguousarray(shard[start : start + _CHUNK_ROWS])
-        dist, idx = index.search(chunk, 1)
-        lab = idx[:, 0]
-        m = len(chunk)
-        dists[start : start + m] = np.maximum(dist[:, 0], 0.0)  # faiss's ||x||^2+||c||^2-2xc can dip below 0
-        labels[start : start + m] = lab
-        # One sparse one-hot product sums the rows of every cluster in a single pass over the chunk.
-        onehot = sp.csr_matrix((np.ones(m, np.float32), (lab, np.arange(m))), shape=(k, m))
-        sums += onehot @ chunk
-        counts += np.bincount(lab, minlength=k)
-    far = np.argpartition(-dists, min(num_far, n) - 1)[:num_far] if n else np.empty(0, np.int64)
-    out = {
-        "sums": sums, "counts": counts, "inertia": float(dists.sum(dtype=np.float64)),
-        "far_rows": far, "far_dist": dists[far],
-    }
-    if want_labels:
-        out["labels"] = labels
-    return out
-
-
-def _take_rows(shard: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    return np.array(shard[rows], dtype=np.float32)
-
-
-def _read_feature_files(uris: list[str]) -> np.ndarray:
-    """Concatenate the ``feature`` column of some parquet shards into one float32 [n, d] array."""
-    parts = [feature_matrix(storage.read_table(u, columns=["feature"])) for u in uris]
-    return np.ascontiguousarray(np.concatenate(parts)) if parts else np.zeros((0, 0), np.float32)
-
-
-_REMOTES: dict = {}
-
-
-def _remote(fn, **opts):
-    """``ray.remote(fn)`` built lazily (importing this module must not need Ray running)."""
-    import ray
-
-    key = (fn.__name__, tuple(sorted(opts.items())))
-    if key not in _REMOTES:
-        _REMOTES[key] = ray.remote(**opts)(fn) if opts else ray.remote(fn)
-    return _REMOTES[key]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,264 +75,10 @@ def feature_matrix(table: pa.Table, column: str = "feature") -> np.ndarray:
     return np.ascontiguousarray(arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), d), np.float32)
 
 
-def _default_num_shards() -> int:
-    import ray
-
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-
-def _cluster_gpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("GPU", 0))
-
-
-@dataclass
-class _Shards:
-    refs: list
-    sizes: list[int]
-    dim: int
-    mean_var: float
-
-    @property
-    def n(self) -> int:
-        return int(sum(self.sizes))
-
-    @property
-    def offsets(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
-
-
-def _check_finite(X: np.ndarray) -> None:
-    bad = ~np.isfinite(X).all(axis=1)
-    if bad.any():
-        rows = np.flatnonzero(bad)
-        raise ClusteringError(
-            f"features contain NaN or inf in {len(rows)} of {len(X)} rows (first rows {rows[:5].tolist()}); "
-            "check the extraction checkpoint (a diverged model gives NaN features)"
-        )
-
-
-def to_shards(features, num_shards: int | None = None) -> _Shards:
-    """Put an [n, d] array into the object store as row shards, or validate a list of shard refs.
-
-    Every shard is checked for shape, emptiness and NaN/inf by a task next to the data; the data
-    variance (for the convergence tolerance) comes from the same pass.
-    """
-    import ray
-
-    if isinstance(features, _Shards):
-        return features
-    if isinstance(features, np.ndarray):
-        if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] == 0:
-            raise ClusteringError(f"features must be a non-empty 2-D [n, d] array, got shape {features.shape}")
-        X = np.ascontiguousarray(features, dtype=np.float32)
-        n = len(X)
-        num_shards = min(num_shards or _default_num_shards(), n)
-        bounds = np.linspace(0, n, num_shards + 1).astype(int)
-        refs = [ray.put(X[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    else:
-        refs = list(features)
-    if not refs:
-        raise ClusteringError("no feature shards given (empty list)")
-    stats = ray.get([_remote(_shard_stats).remote(r) for r in refs])
-    if isinstance(features, np.ndarray) and any(s.get("nonfinite") for s in stats):
-        _check_finite(X)  # the error names global rows
-    dims = set()
-    for i, s in enumerate(stats):
-        if "error" in s:
-            raise ClusteringError(f"feature shard {i}: {s['error']}")
-        if s["n"] == 0:
-            raise ClusteringError(f"feature shard {i} of {len(refs)} is empty (0 rows); drop it or re-shard")
-        if s["dtype"] != "float32":
-            raise ClusteringError(f"feature shard {i} has dtype {s['dtype']}; expected float32")
-        if s["nonfinite"]:
-            raise ClusteringError(
-                f"feature shard {i} has NaN or inf in {s['nonfinite']} of {s['n']} rows "
-                f"(first at row {s['first_bad']}); check the extraction checkpoint"
-            )
-        dims.add(s["d"])
-    if len(dims) != 1:
-        raise ClusteringError(f"feature shards disagree on the dimension: {sorted(dims)}")
-    n = sum(s["n"] for s in stats)
-    mean = sum(s["col_sum"] for s in stats) / n
-    var = sum(s["col_sq"] for s in stats) / n - mean**2
-    return _Shards(refs, [s["n"] for s in stats], dims.pop(), float(np.maximum(var, 0).mean()))
-
-
-def _gather_rows(shards: _Shards, rows: np.ndarray) -> np.ndarray:
-    """Rows at global indices ``rows`` (any order) fetched from the shards by tasks."""
-    import ray
-
-    rows = np.asarray(rows, dtype=np.int64)
-    order = np.argsort(rows, kind="stable")
-    sorted_rows = rows[order]
-    offsets = shards.offsets
-    which = np.searchsorted(offsets, sorted_rows, side="right") - 1
-    pieces = []
-    for s in np.unique(which):
-        local = sorted_rows[which == s] - offsets[s]
-        pieces.append(_remote(_take_rows).remote(shards.refs[s], local))
-    gathered = np.concatenate(ray.get(pieces)) if pieces else np.zeros((0, shards.dim), np.float32)
-    out = np.empty_like(gathered)
-    out[order] = gathered
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# k-means
-# --------------------------------------------------------------------------------------------------
-
-
-def _sq_dists(points: np.ndarray, x: np.ndarray, x_sq: np.ndarray) -> np.ndarray:
-    # float32 products (fast) with float64 norms: seeding only needs distances roughly right
-    p_sq = (points.astype(np.float64) ** 2).sum(1)
-    d = p_sq[:, None] + x_sq[None, :] - 2.0 * (points @ x.T).astype(np.float64)
-    return np.maximum(d, 0.0)
-
-
-def kmeans_plusplus(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Greedy k-means++ seeding (as scikit-learn: 2 + log k candidates per step, keep the best)."""
-    n = len(X)
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    x_sq = np.einsum("ij,ij->i", X, X, dtype=np.float64)
-    n_trials = 2 + int(np.log(k))
-    centers = np.empty((k, X.shape[1]), np.float32)
-    first = int(rng.integers(n))
-    centers[0] = X[first]
-    closest = _sq_dists(X[first : first + 1], X, x_sq)[0]
-    potential = closest.sum()
-    for c in range(1, k):
-        if potential <= 0:  # fewer distinct points than k: any point will do, empty clusters get re-seeded
-            cand = rng.integers(n, size=n_trials)
-        else:
-            cand = np.searchsorted(np.cumsum(closest), rng.uniform(size=n_trials) * potential)
-            cand = np.minimum(cand, n - 1)
-        d_cand = np.minimum(closest[None, :], _sq_dists(X[cand], X, x_sq))
-        pots = d_cand.sum(1)
-        best = int(np.argmin(pots))
-        closest, potential = d_cand[best], pots[best]
-        centers[c] = X[cand[best]]
-    return centers
-
-
-def _lloyd(shards: _Shards, init: np.ndarray, max_iter: int, shift_tol: float, inertia_tol: float,
-           use_gpu: bool, gpu_per_task: float) -> KMeansResult:
-    import ray
-
-    k = len(init)
-    if use_gpu:
-        from . import gpu
-
-        cpus = max(0.01, gpu.cpus_beside(len(shards.refs), gpu_per_task, 1.0))  # GPU nodes may have few CPUs
-        # max_calls=0: Ray would start a fresh process for every GPU task (max_calls=1 by default),
-        # i.e. a new process, imports and faiss GPU resources per shard and iteration
-        assign = _remote(_assign_shard, num_gpus=gpu_per_task, num_cpus=cpus, max_calls=0)
-    else:
-        assign = _remote(_assign_shard)
-    centroids = init.astype(np.float32)
-    prev_inertia = math.inf
-    converged = False
-    n_iter = 0
-    for n_iter in range(1, max_iter + 1):  # noqa: B007 (n_iter is used after the loop)
-        cref = ray.put(centroids)
-        parts = ray.get([assign.remote(r, cref, False, k, use_gpu) for r in shards.refs])
-        sums = sum(p["sums"] for p in parts)
-        counts = sum(p["counts"] for p in parts)
-        inertia = sum(p["inertia"] for p in parts)
-        new = np.empty_like(centroids)
-        nonempty = counts > 0
-        new[nonempty] = (sums[nonempty] / counts[nonempty, None]).astype(np.float32)
-        empty = np.flatnonzero(~nonempty)
-        if len(empty):
-            # Re-seed empty clusters at the points farthest from their centroid (as scikit-learn does).
-            # Several empty clusters are placed greedily, each at the candidate farthest from every
-            # centroid placed so far, so they do not all land on the same far group of points.
-            far_d = np.concatenate([p["far_dist"] for p in parts]).astype(np.float64)
-            far_x = np.concatenate(ray.get([
-                _remote(_take_rows).remote(ref, p["far_rows"]) for ref, p in zip(shards.refs, parts, strict=True)
-            ]))
-            for c in empty:
-                pick = int(np.argmax(far_d))
-                new[c] = far_x[pick]
-                far_d = np.minimum(far_d, ((far_x - far_x[pick]) ** 2).sum(1, dtype=np.float64))
-            log.info("k-means: re-seeded %d empty cluster(s) at iteration %d", len(empty), n_iter)
-        shift = float(((new.astype(np.float64) - centroids) ** 2).sum())
-        centroids = new
-        if len(empty) == 0 and (
-            shift <= shift_tol or (prev_inertia - inertia) <= inertia_tol * max(inertia, 1e-30)
-        ):
-            converged = True
-            break
-        prev_inertia = inertia
-    # Final E-step: labels and inertia for the returned centroids.
-    cref = ray.put(centroids)
-    parts = ray.get([assign.remote(r, cref, True, 1, use_gpu) for r in shards.refs])
-    labels = np.concatenate([p["labels"] for p in parts])
-    inertia = float(sum(p["inertia"] for p in parts))
-    return KMeansResult(centroids, labels, inertia, n_iter, converged)
-
-
-def kmeans(
-    features,
-    k: int,
-    n_init: int = 3,
-    max_iter: int = 100,
-    tol: float = 1e-4,
-    seed: int = 0,
-    num_shards: int | None = None,
-    init_sample_size: int = INIT_SAMPLE_SIZE,
-    inertia_tol: float = 1e-6,
-    use_gpu: bool | None = None,
-    init: np.ndarray | None = None,
-) -> KMeansResult:
-    """Distributed k-means (Lloyd) over Ray tasks.
-
-    ``features`` is a float32 [n, d] array (split into ``num_shards`` object-store shards, default one
-    per cluster CPU) or a list of ``ObjectRef`` s of float32 [n_i, d] shards already in the object store.
-    Each of ``n_init`` restarts seeds with greedy k-means++ on a uniform sample of ``init_sample_size``
-    rows (seeded from ``seed``), then iterates until the squared centroid shift is below ``tol`` times
-    the mean per-dimension data variance (scikit-learn's rule) or the inertia improves by less than
-    ``inertia_tol`` (relative), or ``max_iter``. The restart with the lowest inertia is returned.
-    ``use_gpu``: None = assignment tasks on the GPU nodes when the cluster has GPUs (faiss GPU indexes
-    there; a task whose faiss has no GPU support uses the CPU index and logs it once).
-    ``init``: explicit [k, d] starting centroids (then a single run, no k-means++).
-    """
-    if not isinstance(k, int | np.integer) or k < 1:
-        raise ClusteringError(f"k must be a positive integer, got {k!r}")
-    if n_init < 1 or max_iter < 1:
-        raise ClusteringError(f"n_init and max_iter must be >= 1, got n_init={n_init}, max_iter={max_iter}")
-    shards = to_shards(features, num_shards)
-    n = shards.n
-    if k > n:
-        raise ClusteringError(f"k={k} is larger than the number of feature rows ({n})")
-    if use_gpu is None:  # a task without faiss GPU support there falls back to the CPU index and says so
-        use_gpu = _cluster_gpus() > 0
-    gpu_per_task = 0.0
-    if use_gpu:  # every shard's task on a GPU share at once (shares that fit each node's GPUs)
-        from . import gpu
-
-        gpu_per_task = gpu.share(len(shards.refs))
-        gpu.check_request(gpu_per_task or 1.0, 1, "k-means assignment (use_gpu=True)")
-    shift_tol = tol * shards.mean_var
-    if init is not None:
-        init = np.asarray(init, dtype=np.float32)
-        if init.shape != (k, shards.dim) or not np.isfinite(init).all():
-            raise ClusteringError(f"init must be a finite [{k}, {shards.dim}] array, got shape {init.shape}")
-        return _lloyd(shards, init, max_iter, shift_tol, inertia_tol, use_gpu, gpu_per_task)
-    rng = np.random.default_rng(seed)
-    best: KMeansResult | None = None
-    for run in range(n_init):
-        m = min(n, init_sample_size)
-        rows = np.sort(rng.choice(n, size=m, replace=False)) if m < n else np.arange(n)
-        sample = _gather_rows(shards, rows)
-        init = kmeans_plusplus(sample, int(k), rng)
-        res = _lloyd(shards, init, max_iter, shift_tol, inertia_tol, use_gpu, gpu_per_task)
-        log.info("k-means k=%d restart %d/%d: inertia %.6g in %d iterations", k, run + 1, n_init, res.inertia,
-                 res.n_iter)
-        if best is None or res.inertia < best.inertia:
-            best = res
-    return best
+def _read_feature_files(uris: list[str]) -> np.ndarray:
+    """Concatenate the ``feature`` column of some parquet shards into one float32 [n, d] array."""
+    parts = [feature_matrix(storage.read_table(u, columns=["feature"])) for u in uris]
+    return np.ascontiguousarray(np.concatenate(parts)) if parts else np.zeros((0, 0), np.float32)
 
 
 # --------------------------------------------------------------------------------------------------

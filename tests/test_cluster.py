@@ -66,6 +66,45 @@ def test_empty_clusters_are_reseeded_from_farthest_points(ray_session, blobs):
         np.testing.assert_allclose(res.centroids[c], X[res.labels == c].mean(0), rtol=1e-4, atol=1e-4)
 
 
+def test_a_cluster_emptied_by_the_last_step_is_refilled(ray_session):
+    # Four points, three centroids starting on top of each other: the first step empties clusters 1 and
+    # 2 and re-seeds them on the left and right pairs, which then take every point from cluster 0's
+    # mean in the final assignment. No cluster may come back empty (k-means re-seeds and steps again).
+    X = np.array([[-1, 0], [1, 0], [-1, 0.1], [1, 0.1]], np.float32)
+    for mode in ("local", "tasks"):
+        res = kmeans(X, 3, init=np.zeros((3, 2), np.float32), max_iter=1, num_shards=2, mode=mode)
+        assert np.bincount(res.labels, minlength=3).min() > 0, mode
+        assert res.inertia == pytest.approx(((X - res.centroids[res.labels]) ** 2).sum(), abs=1e-5)
+
+
+def test_too_few_distinct_points_for_k_is_a_clear_error(ray_session):
+    X = np.repeat(np.array([[0, 0], [1, 1]], np.float32), 10, axis=0)  # 2 distinct points, K = 3
+    with pytest.raises(ClusteringError, match="fewer than 3 distinct points"):
+        kmeans(X, 3, n_init=1, seed=0)
+
+
+def test_tol_none_runs_exactly_max_iter_iterations(ray_session, blobs):
+    X, _ = blobs
+    early = kmeans(X, 5, n_init=1, seed=0, tol=0.0)  # stops at the fixed point
+    assert early.converged and early.n_iter < 40
+    fixed = kmeans(X, 5, n_init=1, seed=0, tol=None, max_iter=40)
+    assert fixed.n_iter == 40 and not fixed.converged
+    np.testing.assert_array_equal(fixed.labels, early.labels)  # past the fixed point nothing moves
+    with pytest.raises(ClusteringError, match="tol must be >= 0"):
+        kmeans(X, 5, tol=-1.0)
+
+
+def test_local_and_task_modes_give_the_same_clustering(ray_session, blobs):
+    X, _ = blobs
+    local = kmeans(X, 4, n_init=2, seed=1, num_shards=3, mode="local")
+    tasks = kmeans(X, 4, n_init=2, seed=1, num_shards=3, mode="tasks")
+    np.testing.assert_array_equal(local.labels, tasks.labels)
+    np.testing.assert_allclose(local.centroids, tasks.centroids, rtol=1e-5, atol=1e-5)
+    assert local.inertia == pytest.approx(tasks.inertia, rel=1e-6) and local.n_iter == tasks.n_iter
+    with pytest.raises(ClusteringError, match="mode must be one of"):
+        kmeans(X, 4, mode="gpu")
+
+
 def test_silhouette_equals_sklearn(ray_session, blobs):
     X, _ = blobs
     labels = kmeans(X, 4, n_init=1, seed=0).labels

@@ -158,10 +158,13 @@ def test_features_entry_point_matches_distance_matrix(tr_rank):
     qc, gc = rng.integers(0, 4, 80), rng.integers(0, 4, 300)
     for metric in ("euclidean", "cosine"):
         d = compute_distance_matrix(qf, gf, metric)
-        r = evaluate_features(qf, gf, qp, gp, qc, gc, metric=metric, batch_bytes=100_000)
         cmc, m_ap = tr_rank.eval_market1501(d, qp, gp, qc, gc, 50)
-        np.testing.assert_allclose(r["cmc"], cmc, atol=1e-6)
-        assert abs(r["mAP"] - m_ap) <= 1e-6
+        # one distance block for all queries, and blocks of 13 queries (several GEMMs, gallery norms reused)
+        for block_bytes in (1 << 28, 30_000):
+            r = evaluate_features(qf, gf, qp, gp, qc, gc, metric=metric, batch_bytes=100_000,
+                                  block_bytes=block_bytes)
+            np.testing.assert_allclose(r["cmc"], cmc, atol=1e-6)
+            assert abs(r["mAP"] - m_ap) <= 1e-6
     ref = np.sqrt(((qf[:, None] - gf[None]) ** 2).sum(-1))
     np.testing.assert_allclose(compute_distance_matrix(qf, gf), ref, atol=1e-4)
 

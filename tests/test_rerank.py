@@ -9,7 +9,13 @@ import pathlib
 import numpy as np
 import pytest
 
-from slsr_ray.evaluate import compute_distance_matrix, evaluate_rank, re_ranking, re_ranking_features
+from slsr_ray.evaluate import (
+    compute_distance_matrix,
+    evaluate_rank,
+    neighbours,
+    re_ranking,
+    re_ranking_features,
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +72,31 @@ def test_features_entry_point_matches_reference_and_improves_map(reference):
 
     cos_ref = reference(*(compute_distance_matrix(a, b, "cosine") for a, b in ((qf, gf), (qf, qf), (gf, gf))))
     np.testing.assert_allclose(re_ranking_features(qf, gf, metric="cosine"), cos_ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
+@pytest.mark.parametrize("max_candidates", [64, 0])  # 0: every off-diagonal block takes the dense top-k path
+def test_blocked_neighbour_pass_is_exact(monkeypatch, metric, max_candidates):
+    monkeypatch.setattr(neighbours, "_MAX_CANDIDATES_PER_ROW", max_candidates)
+    qf, gf, *_ = _clustered(6, 37, 150, dim=24, num_ids=15)
+    gf = gf[np.argsort(gf[:, 0])]  # sorted rows: neighbours bunch in a few blocks, thresholds start loose
+    x = np.concatenate([qf, gf]).astype(np.float64)
+    if metric == "cosine":
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        full = 1.0 - x @ x.T
+    else:
+        full = ((x[:, None] - x[None]) ** 2).sum(-1)
+    qg = np.full((37, 150), np.nan, np.float32)
+    nb, _ = neighbours.all_knn([qf, gf], 21, metric, block_rows=16, num_q=37, qg_out=qg)  # 3 + 10 blocks
+    idx = nb.index.numpy()
+    assert idx.shape == (187, 21) and (idx >= 0).all()
+    assert all(len(set(row)) == 21 for row in idx)  # no neighbour twice
+    # the k nearest (up to float32 rounding of near-ties), nearest first, with their distances
+    got = np.take_along_axis(full, idx, 1)
+    np.testing.assert_allclose(got, np.sort(full, 1)[:, :21], atol=1e-4)
+    np.testing.assert_allclose(nb.dist.numpy(), got, atol=1e-4)
+    np.testing.assert_allclose(nb.row_max.numpy(), full.max(1), rtol=1e-5)
+    np.testing.assert_allclose(qg, full[:37, 37:], atol=1e-4)  # every query x gallery cell written
 
 
 def test_bad_input(reference):

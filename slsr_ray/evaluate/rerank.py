@@ -42,7 +42,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .metrics import check_distmat, check_features, pairwise_distance
+from .metrics import check_distmat, check_features
+from .neighbours import all_knn
 
 DEFAULT_CHUNK_BYTES = 64 * 1024**2
 RowFn = Callable[[int, int], torch.Tensor]
@@ -157,14 +158,16 @@ def _jaccard_rows(v: sp.csr_matrix, num_q: int, pair_budget: int, max_rows: int)
 
 
 def _rerank_core(rank: np.ndarray, pair_fn: PairFn, qg_fn: RowFn, num_q: int, k1: int, k2: int,
-                 lambda_value: float, chunk_bytes: int) -> np.ndarray:
-    """Steps 2-4 of the module docstring, given each row's nearest neighbours ``rank`` (N x k)."""
+                 lambda_value: float, chunk_bytes: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Steps 2-4 of the module docstring, given each row's nearest neighbours ``rank`` (N x k).
+    ``out``: the (q, g) float32 result buffer (``qg_fn`` may read a chunk's rows from it first)."""
     n = len(rank)
     g = n - num_q
     # (c, k1+1, k1/2+1, k1+1) booleans in the expansion test dominate the per-row scratch.
     v = _encode(rank, pair_fn, k1, k2, max(1, chunk_bytes // (8 * (k1 + 1) ** 2 * (k1 // 2 + 2))))
     del rank
-    out = np.empty((num_q, g), dtype=np.float32)
+    if out is None:
+        out = np.empty((num_q, g), dtype=np.float32)
     for sl, jac in _jaccard_rows(v, num_q, pair_budget=max(1 << 16, chunk_bytes // 64),
                                  max_rows=max(1, chunk_bytes // (16 * g))):
         orig = qg_fn(sl.start, sl.stop).cpu().numpy()
@@ -261,44 +264,39 @@ def re_ranking_features(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float =
     if qf.shape[1] != gf.shape[1]:
         raise ValueError(f"qf has feature dim {qf.shape[1]} but gf has {gf.shape[1]}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    num_q = len(qf)
-    x = torch.from_numpy(np.concatenate([qf, gf])).to(dev)
-    n = len(x)
-    base = "sqeuclidean" if metric == "euclidean" else "cosine"
-
-    def original(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        d = pairwise_distance(rows, cols, base)
-        return d if base == "sqeuclidean" else d * d
-
-    # One pass over all N x N distances, chunk by chunk: dividing a row by its max keeps its order,
-    # so the top-k neighbours and the row max come from the same unnormalised block.
-    chunk = _chunk_rows(n, chunk_bytes)
+    num_q, n = len(qf), len(qf) + len(gf)
     k = min(max(k1 + 1, k2), n)
-    rank = np.empty((n, k), dtype=np.int64)
-    row_max = torch.empty(n, dtype=torch.float32, device=dev)
-    for a in range(0, n, chunk):
-        b = min(a + chunk, n)
-        block = original(x[a:b], x)
-        row_max[a:b] = block.amax(1).clamp_min(1e-12)
-        rank[a:b] = torch.topk(block, k, dim=1, largest=False, sorted=True).indices.cpu().numpy()
-        del block
+    # One pass over the N x N distances (each computed once, see neighbours.py): top-k, row maxima, and
+    # the raw query x gallery distances, kept in the output buffer the final step overwrites.
+    out = np.empty((num_q, n - num_q), dtype=np.float32)
+    block = max(64, int((chunk_bytes // 4) ** 0.5))
+    nb, aug = all_knn([qf, gf], k, "cosine" if metric == "cosine" else "sqeuclidean", block, num_q, out, dev)
+
+    def original(d: torch.Tensor) -> torch.Tensor:  # the reference squares the given distance
+        return d.clamp_min(0) if metric == "euclidean" else d.clamp(0, 2) ** 2
+
+    row_max = original(nb.row_max).clamp_min(1e-12)
+    rank = nb.index.cpu().numpy()
+    # Pair distances from the neighbour lists where the pair is there (almost always), else computed.
+    known_keys = torch.from_numpy(np.arange(n, dtype=np.int64)[:, None] * n + rank).to(dev).reshape(-1)
+    known_keys, order = torch.sort(known_keys)
+    known_vals = nb.dist.reshape(-1)[order]
+    del nb
 
     def pairs(i: np.ndarray, j: np.ndarray) -> np.ndarray:
-        out = np.empty(len(i), dtype=np.float32)
-        step = max(1, chunk_bytes // (x.shape[1] * 8))
-        for s in range(0, len(i), step):
-            ti = torch.from_numpy(i[s : s + step]).to(dev)
-            tj = torch.from_numpy(j[s : s + step]).to(dev)
-            xi, xj = x[ti], x[tj]
-            if base == "sqeuclidean":
-                d = ((xi - xj) ** 2).sum(1)
-            else:
-                d = 1.0 - torch.nn.functional.cosine_similarity(xi, xj, dim=1)
-                d = d * d
-            out[s : s + step] = (d / row_max[ti]).cpu().numpy()
-        return out
+        ti, tj = torch.from_numpy(i).to(dev), torch.from_numpy(j).to(dev)
+        key = ti * n + tj
+        pos = torch.searchsorted(known_keys, key).clamp_max(len(known_keys) - 1)
+        found = known_keys[pos] == key
+        d = torch.where(found, known_vals[pos], 0.0)
+        miss = (~found).nonzero(as_tuple=True)[0]
+        step = max(1, chunk_bytes // (aug.d * 8))
+        for s in range(0, len(miss), step):
+            m = miss[s : s + step]
+            d[m] = aug.pair_dist(ti[m], tj[m])
+        return (original(d) / row_max[ti]).cpu().numpy()
 
     def query_gallery(a: int, b: int) -> torch.Tensor:
-        return original(x[a:b], x[num_q:]) / row_max[a:b, None]
+        return original(torch.from_numpy(out[a:b]).to(dev)) / row_max[a:b, None]
 
-    return _rerank_core(rank, pairs, query_gallery, num_q, k1, k2, lambda_value, chunk_bytes)
+    return _rerank_core(rank, pairs, query_gallery, num_q, k1, k2, lambda_value, chunk_bytes, out)

@@ -1,0 +1,392 @@
+"""The k-means kernel of step 3: Lloyd's algorithm over feature shards in the Ray object store.
+
+One Lloyd step per shard is :func:`_partial_step`: squared distances to the centroids as one
+``addmm`` (||c||^2 - 2 x.c; the row norms ||x||^2 are computed once per shard, when the shard is
+checked), the nearest centroid per row, and the per-cluster partial sums (``index_add_``), counts,
+inertia and farthest rows. Only ``k x d`` numbers leave a shard per step; the driver reduces them.
+
+Two ways to run the steps, with the same arithmetic and so the same result (``mode``):
+
+* ``"tasks"``: one Ray task per shard and iteration (the shards stay where they are; a GPU task
+  moves its chunks to the GPU). Costs a task round trip per iteration (~2-10 ms on 2 cores).
+* ``"local"``: the whole k-means (every restart) in one Ray task that maps all shards (zero-copy on
+  one node) and uses all its CPUs -- no per-iteration round trips.
+
+``"auto"`` picks ``"local"`` up to :data:`LOCAL_MAX_BYTES` of features on a CPU-only cluster
+(``benchmarks/bench_kmeans.py`` measures the crossover) and ``"tasks"`` above it.
+
+Empty clusters are re-seeded after every M-step at the candidate point farthest from every other
+centroid (candidates: each shard's rows farthest from their own centroid, as scikit-learn and faiss
+re-seed), and the final labels are checked: k-means never returns an empty cluster (it raises when the
+features have too few distinct points to fill K clusters).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from .feature_shards import (  # noqa: F401  (ClusteringError, to_shards: part of this module's API)
+    CHUNK_ROWS,
+    ClusteringError,
+    _cluster_gpus,
+    _gather_rows,
+    _global_to_local,
+    _remote,
+    _Shards,
+    _take_rows,
+    to_shards,
+)
+
+log = logging.getLogger(__name__)
+
+#: Default number of points k-means++ seeds from (a uniform sample of the data, seeded).
+INIT_SAMPLE_SIZE = 10_000
+
+#: ``mode="auto"`` runs k-means in one Ray task up to this many bytes of features (all shards mapped
+#: by one worker; see the module docstring and benchmarks/RESULTS.md for the measured crossover).
+LOCAL_MAX_BYTES = 2 * 1024**3
+
+MODES = ("auto", "local", "tasks")
+
+
+@dataclass
+class KMeansResult:
+    """Best run of :func:`kmeans`: ``centroids`` float32 [k, d], ``labels`` int64 [n] (in shard order),
+    ``inertia`` (sum of squared distances to the assigned centroid), ``n_iter`` (Lloyd iterations)."""
+
+    centroids: np.ndarray
+    labels: np.ndarray
+    inertia: float
+    n_iter: int
+    converged: bool = True
+
+
+# --------------------------------------------------------------------------------------------------
+# Work next to the data (Ray tasks, or the local task)
+# --------------------------------------------------------------------------------------------------
+
+
+def _partial_step(x: np.ndarray, x_sq: np.ndarray, centroids: np.ndarray, num_far: int, want_labels: bool,
+                  device=None) -> dict:
+    """Assign every row of ``x`` to its nearest centroid; return the partial k-means statistics."""
+    import torch
+
+    warnings.filterwarnings("ignore", "The given NumPy array is not writable")  # object-store views; only read
+    k, d = centroids.shape
+    dev = torch.device(device or "cpu")
+    c = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(dev)
+    c_sq = (c.double() ** 2).sum(1).float()[None, :]
+    n = len(x)
+    sums = torch.zeros((k, d), dtype=torch.float64, device=dev)
+    counts = torch.zeros(k, dtype=torch.int64, device=dev)
+    dists = np.empty(n, np.float32)
+    labels = np.empty(n, np.int64)
+    for start in range(0, n, CHUNK_ROWS):
+        stop = min(n, start + CHUNK_ROWS)
+        chunk = torch.from_numpy(x[start:stop]).to(dev)  # a read-only view is fine: torch only reads it
+        # ||x||^2 is the same for every centroid, so the nearest one minimises ||c||^2 - 2 x.c.
+        best, lab = torch.addmm(c_sq, chunk, c.T, beta=1.0, alpha=-2.0).min(1)
+        # Partial sums in float32 per chunk (16k rows), accumulated in float64 across chunks.
+        sums += torch.zeros((k, d), dtype=torch.float32, device=dev).index_add_(0, lab, chunk).double()
+        counts += torch.bincount(lab, minlength=k)
+        labels[start:stop] = lab.cpu().numpy()
+        dists[start:stop] = best.cpu().numpy()
+    dists += x_sq
+    np.maximum(dists, 0.0, out=dists)  # ||x||^2+||c||^2-2xc can dip below 0 in float32
+    far = np.argpartition(-dists, min(num_far, n) - 1)[:num_far]
+    out = {"sums": sums.cpu().numpy(), "counts": counts.cpu().numpy(), "inertia": float(dists.sum(dtype=np.float64)),
+           "far_rows": far, "far_dist": dists[far]}
+    if want_labels:
+        out["labels"] = labels
+    return out
+
+
+def _step_task(shard: np.ndarray, x_sq: np.ndarray, centroids: np.ndarray, num_far: int, want_labels: bool,
+               use_gpu: bool) -> dict:
+    import ray
+    import torch
+
+    gpu = use_gpu and bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+    if use_gpu and not gpu:
+        from .gpu import warn_no_cuda
+
+        warn_no_cuda("k-means assignment")  # a GPU task on a node without CUDA: CPU tensors, said once
+    return _partial_step(shard, x_sq, centroids, num_far, want_labels, "cuda" if gpu else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Where the Lloyd steps run
+# --------------------------------------------------------------------------------------------------
+
+
+class _TaskSteps:
+    """Lloyd steps as one Ray task per shard (the shards stay in the object store)."""
+
+    def __init__(self, shards: _Shards, use_gpu: bool, gpu_per_task: float):
+        self.shards = shards
+        self.use_gpu = use_gpu
+        opts = {}
+        if use_gpu:
+            from . import gpu
+
+            # GPU nodes may have few CPUs; max_calls=0: Ray would start a fresh process for every GPU
+            # task (max_calls=1 by default), i.e. new imports and CUDA context per shard and iteration
+            cpus = max(0.01, gpu.cpus_beside(len(shards.refs), gpu_per_task, 1.0))
+            opts = {"num_gpus": gpu_per_task, "num_cpus": cpus, "max_calls": 0}
+        self.task = _remote(_step_task, **opts)
+
+    def step(self, centroids: np.ndarray, num_far: int, want_labels: bool) -> list[dict]:
+        import ray
+
+        cref = ray.put(centroids)
+        return ray.get([self.task.remote(r, sq, cref, num_far, want_labels, self.use_gpu)
+                        for r, sq in zip(self.shards.refs, self.shards.sq_refs, strict=True)])
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        return _gather_rows(self.shards, rows)
+
+    def take_far(self, parts: list[dict]) -> np.ndarray:
+        import ray
+
+        return np.concatenate(ray.get([_remote(_take_rows).remote(ref, p["far_rows"])
+                                       for ref, p in zip(self.shards.refs, parts, strict=True)]))
+
+
+class _LocalSteps:
+    """Lloyd steps in this process over shard arrays (inside the one task of ``mode="local"``)."""
+
+    def __init__(self, arrays: list[np.ndarray], row_sqs: list[np.ndarray]):
+        self.arrays, self.row_sqs = arrays, row_sqs
+        self.offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int64)
+
+    def step(self, centroids: np.ndarray, num_far: int, want_labels: bool) -> list[dict]:
+        return [_partial_step(a, s, centroids, num_far, want_labels) for a, s in zip(self.arrays, self.row_sqs,
+                                                                                    strict=True)]
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.arrays[0].shape[1]), np.float32)
+        for s, pos, local in _global_to_local(self.offsets, rows):
+            out[pos] = self.arrays[s][local]
+        return out
+
+    def take_far(self, parts: list[dict]) -> np.ndarray:
+        return np.concatenate([a[p["far_rows"]] for a, p in zip(self.arrays, parts, strict=True)])
+
+
+# --------------------------------------------------------------------------------------------------
+# k-means
+# --------------------------------------------------------------------------------------------------
+
+
+def _sq_dists(points: np.ndarray, x: np.ndarray, x_sq: np.ndarray) -> np.ndarray:
+    # float32 products (fast) with float64 norms: seeding only needs distances roughly right
+    p_sq = (points.astype(np.float64) ** 2).sum(1)
+    d = p_sq[:, None] + x_sq[None, :] - 2.0 * (points @ x.T).astype(np.float64)
+    return np.maximum(d, 0.0)
+
+
+def kmeans_plusplus(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Greedy k-means++ seeding (as scikit-learn: 2 + log k candidates per step, keep the best)."""
+    n = len(X)
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    x_sq = np.einsum("ij,ij->i", X, X, dtype=np.float64)
+    n_trials = 2 + int(np.log(k))
+    centers = np.empty((k, X.shape[1]), np.float32)
+    first = int(rng.integers(n))
+    centers[0] = X[first]
+    closest = _sq_dists(X[first : first + 1], X, x_sq)[0]
+    potential = closest.sum()
+    for c in range(1, k):
+        if potential <= 0:  # fewer distinct points than k: any point will do, empty clusters get re-seeded
+            cand = rng.integers(n, size=n_trials)
+        else:
+            cand = np.searchsorted(np.cumsum(closest), rng.uniform(size=n_trials) * potential)
+            cand = np.minimum(cand, n - 1)
+        d_cand = np.minimum(closest[None, :], _sq_dists(X[cand], X, x_sq))
+        pots = d_cand.sum(1)
+        best = int(np.argmin(pots))
+        closest, potential = d_cand[best], pots[best]
+        centers[c] = X[cand[best]]
+    return centers
+
+
+def _sq_dist_to(points: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """[len(points)] squared distance of each point to its nearest row of ``centers`` (float64)."""
+    if len(centers) == 0:
+        return np.full(len(points), np.inf)
+    diff = points.astype(np.float64)[:, None, :] - centers.astype(np.float64)[None, :, :]
+    return (diff**2).sum(-1).min(1)
+
+
+def _m_step(parts: list[dict], centroids: np.ndarray, steps) -> tuple[np.ndarray, int]:
+    """New centroids from the partial sums; empty clusters re-seeded. Returns (centroids, #re-seeded)."""
+    sums = sum(p["sums"] for p in parts)
+    counts = sum(p["counts"] for p in parts)
+    new = centroids.copy()
+    nonempty = counts > 0
+    new[nonempty] = (sums[nonempty] / counts[nonempty, None]).astype(np.float32)
+    empty = np.flatnonzero(~nonempty)
+    if len(empty):
+        # Candidates: each shard's rows farthest from their own centroid (as scikit-learn and faiss). Each
+        # empty cluster goes, greedily, to the candidate farthest from every centroid it would compete
+        # with, so it wins at least that point in the next E-step and two never land on the same point.
+        far_x = steps.take_far(parts)
+        gap = _sq_dist_to(far_x, new[nonempty])
+        for c in empty:
+            pick = int(np.argmax(gap))
+            if gap[pick] <= 0:
+                break  # every candidate coincides with a centroid: nothing distinct left to seed with
+            new[c] = far_x[pick]
+            gap = np.minimum(gap, _sq_dist_to(far_x, far_x[pick : pick + 1]))
+    return new, len(empty)
+
+
+def _lloyd(steps, init: np.ndarray, max_iter: int, shift_tol: float | None, inertia_tol: float) -> KMeansResult:
+    """Lloyd iterations from ``init``; ``shift_tol=None`` runs exactly ``max_iter`` of them."""
+    k = len(init)
+    centroids = init.astype(np.float32)
+    prev_inertia = math.inf
+    converged = False
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):  # noqa: B007 (n_iter is used after the loop)
+        parts = steps.step(centroids, k, False)
+        inertia = sum(p["inertia"] for p in parts)
+        new, reseeded = _m_step(parts, centroids, steps)
+        if reseeded:
+            log.info("k-means: re-seeded %d empty cluster(s) at iteration %d", reseeded, n_iter)
+        shift = float(((new.astype(np.float64) - centroids) ** 2).sum())
+        centroids = new
+        if shift_tol is not None and reseeded == 0 and (
+            shift <= shift_tol or (prev_inertia - inertia) <= inertia_tol * max(inertia, 1e-30)
+        ):
+            converged = True
+            break
+        prev_inertia = inertia
+    # Final E-step: labels and inertia of the returned centroids. A centroid can still lose all its
+    # points here (to one re-seeded next to them), so re-seed and step again until every cluster has one.
+    for _ in range(k + 1):
+        parts = steps.step(centroids, k, True)
+        counts = sum(p["counts"] for p in parts)
+        if counts.min() > 0:
+            break
+        centroids, _ = _m_step(parts, centroids, steps)
+        n_iter += 1
+    else:
+        raise ClusteringError(
+            f"k-means left {int((counts == 0).sum())} of {k} clusters empty after re-seeding: the features "
+            f"have fewer than {k} distinct points (a collapsed model?); use a smaller K"
+        )
+    labels = np.concatenate([p["labels"] for p in parts])
+    return KMeansResult(centroids, labels, float(sum(p["inertia"] for p in parts)), n_iter, converged)
+
+
+def _restarts(steps, n: int, k: int, n_init: int, max_iter: int, shift_tol: float | None, inertia_tol: float,
+              seed: int, init_sample_size: int, init: np.ndarray | None) -> KMeansResult:
+    """``n_init`` seeded k-means++ restarts (or one run from ``init``); the lowest inertia wins."""
+    if init is not None:
+        return _lloyd(steps, init, max_iter, shift_tol, inertia_tol)
+    rng = np.random.default_rng(seed)
+    best: KMeansResult | None = None
+    for run in range(n_init):
+        m = min(n, init_sample_size)
+        rows = np.sort(rng.choice(n, size=m, replace=False)) if m < n else np.arange(n)
+        start = kmeans_plusplus(steps.take(rows), int(k), rng)
+        res = _lloyd(steps, start, max_iter, shift_tol, inertia_tol)
+        log.info("k-means k=%d restart %d/%d: inertia %.6g in %d iterations", k, run + 1, n_init, res.inertia,
+                 res.n_iter)
+        if best is None or res.inertia < best.inertia:
+            best = res
+    return best
+
+
+def _local_task(refs: list, sq_refs: list, threads: int, *args) -> KMeansResult:
+    """``mode="local"``: every restart of k-means in this one task, on ``threads`` CPUs."""
+    import ray
+    import torch
+
+    arrays, row_sqs = ray.get(list(refs)), ray.get(list(sq_refs))  # zero-copy views on one node
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the worker may have started with OMP_NUM_THREADS=1
+    try:
+        return _restarts(_LocalSteps(arrays, row_sqs), *args)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _local_cpus() -> int:
+    """CPUs for the local task: all that are free now, at most one node's worth (a task is on one node)."""
+    import ray
+
+    per_node = max((nd["Resources"].get("CPU", 0) for nd in ray.nodes() if nd.get("Alive")), default=1)
+    free = ray.available_resources().get("CPU", 1)
+    return max(1, int(min(per_node, free)))
+
+
+def kmeans(
+    features,
+    k: int,
+    n_init: int = 3,
+    max_iter: int = 100,
+    tol: float | None = 1e-4,
+    seed: int = 0,
+    num_shards: int | None = None,
+    init_sample_size: int = INIT_SAMPLE_SIZE,
+    inertia_tol: float = 1e-6,
+    use_gpu: bool | None = None,
+    init: np.ndarray | None = None,
+    mode: str = "auto",
+) -> KMeansResult:
+    """Distributed k-means (Lloyd) over Ray.
+
+    ``features`` is a float32 [n, d] array (split into ``num_shards`` object-store shards, default one
+    per cluster CPU) or a list of ``ObjectRef`` s of float32 [n_i, d] shards already in the object store.
+    Each of ``n_init`` restarts seeds with greedy k-means++ on a uniform sample of ``init_sample_size``
+    rows (seeded from ``seed``), then iterates until the squared centroid shift is below ``tol`` times
+    the mean per-dimension data variance (scikit-learn's rule) or the inertia improves by less than
+    ``inertia_tol`` (relative), or ``max_iter``. ``tol=None``: no early stop, exactly ``max_iter``
+    iterations (faiss's ``niter``). The restart with the lowest inertia is returned.
+    ``use_gpu``: None = run the steps on GPUs when the cluster has them. ``init``: explicit [k, d]
+    starting centroids (then a single run, no k-means++). ``mode``: where the steps run (module
+    docstring): ``"auto"``, ``"local"`` (one task) or ``"tasks"`` (a task per shard and iteration).
+    """
+    import ray
+
+    if not isinstance(k, int | np.integer) or k < 1:
+        raise ClusteringError(f"k must be a positive integer, got {k!r}")
+    if n_init < 1 or max_iter < 1:
+        raise ClusteringError(f"n_init and max_iter must be >= 1, got n_init={n_init}, max_iter={max_iter}")
+    if mode not in MODES:
+        raise ClusteringError(f"mode must be one of {MODES}, got {mode!r}")
+    if tol is not None and tol < 0:
+        raise ClusteringError(f"tol must be >= 0 (or None for exactly max_iter iterations), got {tol}")
+    shards = to_shards(features, num_shards)
+    n = shards.n
+    if k > n:
+        raise ClusteringError(f"k={k} is larger than the number of feature rows ({n})")
+    if init is not None:
+        init = np.asarray(init, dtype=np.float32)
+        if init.shape != (k, shards.dim) or not np.isfinite(init).all():
+            raise ClusteringError(f"init must be a finite [{k}, {shards.dim}] array, got shape {init.shape}")
+    if use_gpu is None:
+        use_gpu = _cluster_gpus() > 0
+    if mode == "auto":
+        mode = "local" if not use_gpu and n * shards.dim * 4 <= LOCAL_MAX_BYTES else "tasks"
+    shift_tol = None if tol is None else tol * shards.mean_var
+    args = (n, int(k), n_init, max_iter, shift_tol, inertia_tol, seed, init_sample_size, init)
+    if mode == "local":
+        cpus = _local_cpus()
+        task = _remote(_local_task, num_cpus=cpus)
+        return ray.get(task.remote(shards.refs, shards.sq_refs, cpus, *args))
+    gpu_per_task = 0.0
+    if use_gpu:  # every shard's task on a GPU share at once (shares that fit each node's GPUs)
+        from . import gpu
+
+        gpu_per_task = gpu.share(len(shards.refs))
+        gpu.check_request(gpu_per_task or 1.0, 1, "k-means assignment (use_gpu=True)")
+    return _restarts(_TaskSteps(shards, use_gpu, gpu_per_task), *args)
