@@ -70,9 +70,10 @@ def train(
     if init:
         check_model_checkpoint(init, "--init")
     ds = load_dataset(dataset, root)
-    result = run_training(
-        cfg, ds.train, output, generated_manifest=generated, membership=clusters, init_checkpoint=init
-    )
+    with as_config_error("train inputs"):  # run_training checks the manifests on the driver (ValueError)
+        result = run_training(
+            cfg, ds.train, output, generated_manifest=generated, membership=clusters, init_checkpoint=init
+        )
     for m in result.metrics:
         typer.echo(
             f"epoch {m['epoch'] + 1:>4}  loss {m['loss']:.4f}  train-acc {m['train_acc']:.3f}  "

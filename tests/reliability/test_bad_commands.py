@@ -375,11 +375,13 @@ def test_check_prints_the_plan_and_accepts_the_membership_rules(ctx: Ctx):
     result, seconds = invoke(ctx.run_args(command="check"))
     assert result.exit_code == 0 and "config valid" in result.stdout, result.output
     assert re.findall(r"(done \(skip\)|would run)", result.stdout) == ["done (skip)"] * 8
-    result, _ = invoke(ctx.run_args("--set", "cluster.rule=majority", "--dry-run"))
-    plan = dict(re.findall(r"^(\S+)\s+(done \(skip\)|would run)", result.stdout, re.M))
-    assert plan == {"prepare": "done (skip)", "pretrain": "done (skip)", "extract": "done (skip)",
-                    "cluster": "would run", "gan": "would run", "generate": "would run",
-                    "train/slsr": "would run", "evaluate/slsr": "would run"}, result.output
+    for rule in ("majority", "any", "min_share"):  # majority is the default: nothing to redo
+        result, _ = invoke(ctx.run_args("--set", f"cluster.rule={rule}", "--dry-run"))
+        plan = dict(re.findall(r"^(\S+)\s+(done \(skip\)|would run)", result.stdout, re.M))
+        redo = "done (skip)" if rule == "majority" else "would run"
+        assert plan == {"prepare": "done (skip)", "pretrain": "done (skip)", "extract": "done (skip)",
+                        "cluster": redo, "gan": redo, "generate": redo,
+                        "train/slsr": redo, "evaluate/slsr": redo}, result.output
 
 
 def test_valid_weights_pass_the_checks(ctx: Ctx):
