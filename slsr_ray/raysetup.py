@@ -30,11 +30,11 @@ def init_ray(address: str | None = None, *, run_root: str | None = None, quiet: 
     run's own lines (:mod:`slsr_ray.console`); False: Ray's console output. None: the CLI's choice (quiet
     unless ``slsr -v``), Ray's console output in library use. ``kwargs`` go to ``ray.init``.
     """
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # read when ray.train is imported
     import ray
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if quiet is None:  # `slsr -v` still writes the log file, and shows everything on the console too
         route, quiet = console.configured(), console.quiet_by_default()
     else:

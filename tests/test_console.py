@@ -37,8 +37,11 @@ def _env() -> dict:
 
 
 def _slsr(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "slsr_ray.cli", *args], env=_env(), cwd=REPO, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+    """Run the CLI; its output as written (no universal newlines: a progress bar's \\r stays a redraw)."""
+    out = subprocess.run([sys.executable, "-m", "slsr_ray.cli", *args], env=_env(), cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+    out.stdout = out.stdout.decode("utf-8", errors="replace")
+    return out
 
 
 @pytest.fixture
