@@ -46,7 +46,7 @@ def main(argv=None) -> int:
                 val_fraction=args.val_fraction, retrain_best=args.retrain_best,
             )
         validate_config(cfg, check_inputs=True)  # before Ray starts
-        init_ray()
+        init_ray(run_root=cfg.run_root)
         run_sweep(cfg, sweep, resume=args.resume)
 
     return run_entry(body, args.verbose)

@@ -3,7 +3,8 @@
 Every command fails the same way on bad input: the project's errors (:class:`slsr_ray.errors.SlsrError`
 and its subclasses, also when Ray re-raises them from a worker) become one line
 ``error: <what> (<file or key>): <what was expected>`` on stderr and exit status 2; ``-v`` /
-``--verbose`` anywhere on the command line adds the traceback.
+``--verbose`` anywhere on the command line adds the traceback, and brings Ray's own logs and the workers'
+output back to the console (:mod:`slsr_ray.console`).
 """
 
 from __future__ import annotations
@@ -51,13 +52,19 @@ app = typer.Typer(
 
 @app.callback()
 def _options(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="show the traceback of an error (anywhere on the line)"),
+    ctx: typer.Context,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show the traceback of an error, and Ray's own logs "
+                                 "and the workers' output (always in <run-root>/logs/ray.log); anywhere on the line"),
 ) -> None:
     """Sparse Label Smoothing Regularization (SLSR) for person re-id, on Ray."""
+    from .console import configure
+
+    configure(verbose=verbose or ctx.meta.get("slsr_verbose", False))  # quiet console unless -v
 
 
 # Each module exposes ``register(app)``; keep the list in pipeline order.
 COMMAND_MODULES = ("data", "train", "extract", "gan", "evaluate", "pipeline", "sweep", "serve")
+
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"slsr_ray.commands.{_name}").register(app)

@@ -38,6 +38,7 @@ import pyarrow as pa
 
 from . import storage
 from .errors import SlsrError
+from .raysetup import init_ray
 from .staging import staged_folder
 from .validate import check_model_checkpoint
 
@@ -288,8 +289,7 @@ def extract_features(manifest: str | pa.Table, checkpoint, output_dir: str, cfg:
     paths = table["path"].to_pylist()
     if cfg.check_images:
         check_images(paths)
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     num_actors, num_gpus, decode, cpus_per_actor = _resources(cfg)
 
     if isinstance(checkpoint, ModelConfig):

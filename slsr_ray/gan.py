@@ -41,6 +41,7 @@ from .config import from_known_fields
 from .data import ImageReadError, read_image
 from .errors import SlsrError
 from .models.dcgan import DCGANArch, build_dcgan, sample_noise
+from .raysetup import init_ray
 
 log = logging.getLogger(__name__)
 
@@ -593,8 +594,7 @@ def train_gans(
     gan_dir = storage.absolute(gan_dir)
     per_cluster = cluster_paths(load_assignments(assignments))
     storage.makedirs(gan_dir)
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     k = len(per_cluster)
     actors = {c: make_trainer(c, paths, gan_dir, cfg, k) for c, paths in per_cluster.items()}
     results: dict[int, dict] = {}

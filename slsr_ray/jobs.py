@@ -18,14 +18,19 @@ def job_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--run-root", required=True, help="run root: s3://bucket/prefix on a cluster")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set train.epochs=5 (repeatable)")
-    p.add_argument("-v", "--verbose", action="store_true", help="show the traceback of an error")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show the traceback of an error, and Ray's own logs and the workers' output")
     return p
 
 
 def run_entry(body: Callable[[], None], verbose: bool) -> int:
     """Run a job's body with the project's one error path: a user error (any ``SlsrError``, also when
     Ray re-raises it from a worker) is one line ``error: ...`` on stderr and exit status 2 (traceback
-    with ``--verbose``); anything else is a bug and keeps its traceback."""
+    with ``--verbose``); anything else is a bug and keeps its traceback. The console is quiet unless
+    ``verbose`` (:mod:`slsr_ray.console`)."""
+    from .console import configure
+
+    configure(verbose=verbose)
     try:
         body()
     except Exception as e:
@@ -53,7 +58,7 @@ def run_job(stages_from: str | None = None, until: str | None = None, argv: list
         cfg = load_config(args.config, args.overrides, args.run_root)
         validate_config(cfg, check_inputs=True, from_stage=args.from_stage, until=args.until)  # before Ray
         check_trials(cfg)
-        init_ray()
+        init_ray(run_root=cfg.run_root)
         run_protocol(cfg, from_stage=args.from_stage, until=args.until)
 
     return run_entry(body, args.verbose)

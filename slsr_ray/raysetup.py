@@ -1,33 +1,104 @@
-"""Starting or joining Ray the same way from the CLI, jobs and notebooks."""
+"""Starting or joining Ray: the one way the CLI, the jobs, the notebooks, the tests and the stages do it."""
 
 from __future__ import annotations
 
-import logging
 import os
+import socket
 
-log = logging.getLogger("slsr_ray")
+from . import console, storage
+
+# Under a local run root; an s3:// run root's log goes to Ray's session log folder.
+LOG_FILE = ("logs", "ray.log")
+# Where Ray's state API (served by the dashboard) is, for Ray Train's placement-group cleaner in the workers.
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 
 
-def init_ray(address: str | None = None, **kwargs) -> None:
-    """Join the cluster at ``address`` / ``RAY_ADDRESS`` (inside ``ray job submit`` this is set), or
-    start a local Ray sized to this machine. Idempotent."""
+def run_log_path(run_root: str | None) -> str | None:
+    """``<run_root>/logs/ray.log`` for a local run root, else None."""
+    if run_root is None or storage.is_s3(run_root):
+        return None
+    return os.path.join(storage.absolute(run_root), *LOG_FILE)
+
+
+def init_ray(address: str | None = None, *, run_root: str | None = None, quiet: bool | None = None, **kwargs) -> None:
+    """Join the cluster at ``address`` / ``RAY_ADDRESS`` (set inside ``ray job submit``), or start a local
+    Ray sized to this machine (never a ``ray start`` cluster found on the machine: ``address="local"``).
+    Idempotent; always with Ray Train V2 (``RAY_TRAIN_V2_ENABLED``).
+
+    ``quiet``: Ray's logs and the workers' output go to a log file (``<run_root>/logs/ray.log`` for a local
+    ``run_root``, else Ray's session log folder; the path is printed once) and the console shows the
+    run's own lines (:mod:`slsr_ray.console`); False: Ray's console output. None: the CLI's choice (quiet
+    unless ``slsr -v``), Ray's console output in library use. ``kwargs`` go to ``ray.init``.
+    """
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # read when ray.train is imported
     import ray
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if quiet is None:  # `slsr -v` still writes the log file, and shows everything on the console too
+        route, quiet = console.configured(), console.quiet_by_default()
+    else:
+        route = quiet
+    if route:
+        console.open_log(run_log_path(run_root))
+        kwargs.setdefault("log_to_driver", True)  # the worker lines reach the driver, which sorts them
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)
-        return
-    # A laptop run: no token auth prompt, a modest object store, no dashboard to keep startup fast.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    kwargs.setdefault("include_dashboard", False)
-    kwargs.setdefault("object_store_memory", 512 * 1024 * 1024)
-    ray.init(**kwargs)
+    else:
+        _start_local(kwargs)
+    if route:
+        console.route_ray_output(_session_log_dir())
     try:
         from ray.data import DataContext
 
-        DataContext.get_current().enable_progress_bars = True
-    except Exception:  # pragma: no cover - progress bars are cosmetic
+        # Ray Data's progress block repeats every few seconds in a log: only when Ray's output is wanted
+        DataContext.get_current().enable_progress_bars = not quiet
+    except ImportError:  # pragma: no cover - ray[data] is a dependency
         pass
+
+
+def _start_local(kwargs: dict) -> None:
+    """A laptop run: no token auth prompt, a modest object store, and the dashboard on a free loopback
+    port whose address every worker knows.
+
+    Ray Train's placement-group cleaner (an actor) asks the state API, which the dashboard serves,
+    whether the train controller still lives. Without a dashboard it warns "Failed to query Ray Train
+    Controller actor state" every few seconds; and left to find the cluster itself it dies with "Found
+    multiple active Ray instances" as soon as a second Ray runs on the machine. The raylet (so every
+    worker) inherits ``RAY_API_SERVER_ADDRESS`` from this process during ``ray.init``; the driver drops
+    it afterwards, where it would override the address of any job or state client it creates."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    kwargs.setdefault("object_store_memory", 512 * 1024 * 1024)
+    if not kwargs.setdefault("include_dashboard", True):
+        ray.init(address="local", **kwargs)
+        return
+    kwargs.setdefault("dashboard_host", "127.0.0.1")
+    kwargs.setdefault("dashboard_port", _free_port())
+    before = os.environ.get(API_SERVER_ENV)
+    os.environ[API_SERVER_ENV] = f"http://{kwargs['dashboard_host']}:{kwargs['dashboard_port']}"
+    try:
+        ray.init(address="local", **kwargs)
+    finally:
+        if before is None:
+            os.environ.pop(API_SERVER_ENV, None)
+        else:
+            os.environ[API_SERVER_ENV] = before
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _session_log_dir() -> str | None:
+    """Ray's log folder of this session (``/tmp/ray/session_*/logs`` for a local Ray)."""
+    import ray
+
+    try:
+        return ray._private.worker._global_node.get_logs_dir_path()
+    except AttributeError:  # a Ray Client connection has no local node
+        return None

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from . import storage
+from . import console, storage
 
 STAGES = ("prepare", "pretrain", "extract", "cluster", "gan", "generate", "train", "evaluate")
 MARKER = "_STAGE.json"
@@ -146,12 +146,19 @@ def run_stage(run_root: str, stage: str, stage_hash: str, fn, force: bool = Fals
 
     Skips when the marker holds ``stage_hash`` (unless ``force``); otherwise prepares the folder
     (:func:`begin_stage`), calls ``fn()`` for the outputs and writes the marker last. Returns the
-    stage's record and whether it ran."""
+    stage's record and whether it ran. With ``echo=print`` the "running" line is the console's transient
+    status line (:func:`slsr_ray.console.status`: one line per stage in a log, a live line on a terminal)."""
+    if echo is print:
+        echo = console.echo
     if not force and is_done(run_root, stage, stage_hash):
         echo(f"[{tag}] {stage:<18} done (skipped)")
         return read_record(run_root, stage), False
     resumed = begin_stage(run_root, stage, stage_hash, force=force)
-    echo(f"[{tag}] {stage:<18} {'resuming' if resumed else 'running'} ...")
+    running = f"[{tag}] {stage:<18} {'resuming' if resumed else 'running'} ..."
+    if echo is console.echo:
+        console.status(running, label=stage)
+    else:
+        echo(running)
     started = time.time()
     folder = storage.join(run_root, stage)
     try:

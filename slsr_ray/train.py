@@ -35,9 +35,11 @@ import torch
 
 from . import storage
 from .config import config_hash, from_known_fields
+from .console import SHOW, worker_logging
 from .errors import SlsrError
 from .labels import STRATEGIES, LabelStrategy, load_membership, make_strategy, slsr_loss
 from .models.reid import ModelConfig, WeightsError, build_model, load_model, save_checkpoint
+from .raysetup import init_ray
 
 log = logging.getLogger(__name__)
 
@@ -321,8 +323,7 @@ def _train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    worker_logging()  # the epoch line below reaches the quiet console of `slsr` (see console.py)
     cfg = TrainConfig.from_dict(config["train_cfg"])
     rows = config["rows"]
     ctx = ray.train.get_context()
@@ -474,7 +475,7 @@ def _train_loop_per_worker(config: dict) -> None:
             log.info(
                 "epoch %d/%d  loss %.4f  train-acc %.3f  lr %.5f  %.1f img/s over %d worker(s)",
                 epoch + 1, cfg.epochs, metrics["loss"], metrics["train_acc"], metrics["lr"],
-                metrics["images_per_s"], world,
+                metrics["images_per_s"], world, extra=SHOW,
             )  # fmt: skip
         last = epoch == cfg.epochs - 1
         if (epoch + 1) % cfg.checkpoint_every == 0 or last:
@@ -568,8 +569,7 @@ def run_training(
     rows, strategy = prepare_rows(cfg, train_manifest, generated_manifest, membership)
     model_cfg = ModelConfig.from_dict({**asdict(cfg.model), "num_classes": strategy.num_outputs()})
     cfg = TrainConfig.from_dict({**asdict(cfg), "model": model_cfg})
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     use_gpu, num_workers, cpus_per_worker = _gpu_workers(cfg)
     if num_workers != cfg.num_workers:
         cfg = TrainConfig.from_dict({**asdict(cfg), "num_workers": num_workers})

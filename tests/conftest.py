@@ -56,17 +56,13 @@ def s3_bucket(moto_server):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole test session (2 CPUs, a small object store)."""
+    """One local Ray for the whole test session (2 CPUs, a small object store), started the way every run
+    starts it, with Ray's own console output (pytest captures it)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=2,
-            object_store_memory=300 * 1024 * 1024,
-            include_dashboard=False,
-            log_to_driver=True,
-            configure_logging=False,
-        )
+    from slsr_ray.raysetup import init_ray
+
+    init_ray(num_cpus=2, object_store_memory=300 * 1024 * 1024, quiet=False, configure_logging=False)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

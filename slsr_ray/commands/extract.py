@@ -9,13 +9,7 @@ import typer
 
 from .. import storage
 from ..errors import check_option
-
-
-def _init_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()  # joins the cluster under `ray job submit` / RAY_ADDRESS, else starts a local one
+from ..raysetup import init_ray
 
 
 def extract(
@@ -58,7 +52,7 @@ def extract(
     source = read_manifest(manifest) if manifest is not None else getattr(load_dataset(dataset, root), split)
     if checkpoint is not None:
         check_model_checkpoint(checkpoint, "--checkpoint")
-    _init_ray()
+    init_ray()  # joins the cluster under `ray job submit` / RAY_ADDRESS, else starts a local one
     out = extract_features(source, model, output, cfg)
     typer.echo(f"features written to {out}")
 
@@ -93,7 +87,7 @@ def cluster(
     if not storage.exists(storage.join(features, "_SUCCESS")):
         raise ClusteringError(f"{features} is not a finished feature extraction (no _SUCCESS marker)",
                               where="--features", expected="a folder written by `slsr extract`")
-    _init_ray()
+    init_ray()  # joins the cluster under `ray job submit` / RAY_ADDRESS, else starts a local one
     # the result is swapped in when complete: a failure never costs an earlier clustering in OUTPUT
     with staged_folder(output, owned=_is_cluster_entry) as stage:
         summary = run_clustering(features, stage, ks=k, rule=rule, min_share=min_share, n_init=n_init,

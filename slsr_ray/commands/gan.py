@@ -6,14 +6,9 @@ import json
 
 import typer
 
+from ..raysetup import init_ray
+
 gan_app = typer.Typer(help="Per-cluster DCGANs (steps 4-5 of Algorithm 1).", no_args_is_help=True)
-
-
-def _ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()  # joins the cluster named by RAY_ADDRESS (e.g. under `ray job submit`), else starts one
 
 
 @gan_app.command("train")
@@ -48,7 +43,7 @@ def train(
     # OUTPUT holds resumable checkpoints (updated in place, each file atomically): check the inputs first
     check_folder(output, "--output", must_exist=False)
     load_assignments(clusters)
-    _ensure_ray()
+    init_ray()  # joins the cluster under `ray job submit` / RAY_ADDRESS, else starts a local one
     results = train_gans(clusters, output, cfg)
     keep = ("epochs", "num_images", "unreadable", "loss_d", "loss_g", "wall_s", "checkpoint")
     typer.echo(json.dumps({c: {k: r[k] for k in keep} for c, r in results.items()}, indent=2))
@@ -79,7 +74,7 @@ def generate(
     check_folder(output, "--output", must_exist=False)
     storage.require_folder(gan_dir, "--gan-dir", "a folder written by `slsr gan train`")
     find_checkpoints(storage.absolute(gan_dir))  # GanCheckpointError when there are none
-    _ensure_ray()
+    init_ray()  # joins the cluster under `ray job submit` / RAY_ADDRESS, else starts a local one
     with as_config_error("gan generate options"):
         manifest = generate_images(
             gan_dir, output, count, split=split, seed=seed, image_size=(height, width), batch_size=batch_size

@@ -79,7 +79,7 @@ def run(
     if dry_run:
         _echo_plan(cfg, from_stage, until)
         return
-    init_ray(address)
+    init_ray(address, run_root=cfg.run_root)
     run_protocol(cfg, from_stage=from_stage, until=until)
 
 

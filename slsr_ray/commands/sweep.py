@@ -76,7 +76,7 @@ def sweep(
             retrain_best=retrain_best, retry_failed=retry_failed,
         )
     validate_config(cfg, check_inputs=True)  # before Ray starts
-    init_ray(address)
+    init_ray(address, run_root=cfg.run_root)
     run_sweep(cfg, sc, resume=resume, echo=typer.echo)
 
 

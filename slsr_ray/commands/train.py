@@ -42,9 +42,6 @@ def train(
     feature: str = typer.Option("pool", help="retrieval feature for evaluation: pool or bottleneck"),
 ) -> None:
     """Train the re-id model with Ray Train and print per-epoch metrics and the evaluation."""
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     from ..data import load_dataset
     from ..errors import as_config_error
     from ..models import ModelConfig

@@ -1,0 +1,112 @@
+"""What `slsr` prints: a short console (a line per stage, rank 0's epoch metrics once, the table) while Ray's
+own logs and the workers' output go to <run_root>/logs/ray.log; `-v` brings Ray's lines back. A second Ray
+on the machine must not disturb a local run (it is stopped by its pid: `ray stop` would stop every Ray
+on the machine)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+NOISE = ("Failed to query", "TrainingReport(", "Traceback", "multiple active Ray instances", "ConnectionError")
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _slsr(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess:
+    """Run the CLI; its output as written (no universal newlines: a progress bar's \\r stays a redraw)."""
+    out = subprocess.run([sys.executable, "-m", "slsr_ray.cli", *args], env=_env(), cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+    out.stdout = out.stdout.decode("utf-8", errors="replace")
+    return out
+
+
+@pytest.fixture
+def second_ray():
+    """Another local Ray (`ray start --head`, own temp dir and ports), as another user's would be."""
+    temp_dir = tempfile.mkdtemp(prefix="r2", dir="/tmp")  # short: Ray's socket paths have a length limit
+    cmd = [
+        str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+        "--num-cpus=1", f"--temp-dir={temp_dir}", "--include-dashboard=false", "--disable-usage-stats",
+        f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+    ]
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    address_file = Path(temp_dir) / "ray_current_cluster"  # written once the head is up
+    deadline = time.time() + 180
+    while not address_file.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(1)
+    try:
+        assert address_file.exists(), "the second Ray did not come up"
+        yield proc
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_pipeline_console_is_short_and_ray_logs_go_to_the_run_root(second_ray, tiny_overrides, tmp_path):
+    run_root = tmp_path / "run"
+    sets = [a for o in tiny_overrides for a in ("--set", o)]
+    out = _slsr("run", "--run-root", str(run_root), *sets)
+    console = out.stdout
+    assert out.returncode == 0, console[-4000:]
+    assert second_ray.poll() is None, "the second Ray must have been running the whole time"
+    lines = console.rstrip("\n").split("\n")  # as a terminal shows them: a progress bar redraws one line
+    assert len(lines) <= 35, console  # 28 when written; Ray's stages used to print hundreds
+    for noise in NOISE:
+        assert noise not in console, noise
+    log = run_root / "logs" / "ray.log"
+    assert [ln for ln in lines if "Ray logs:" in ln] == [f"[slsr] Ray logs: {log}  (slsr -v shows them here)"]
+    # one line per stage, and each training's epoch metrics once (rank 0 of 2 workers)
+    for stage in ("prepare", "pretrain", "extract", "cluster", "gan", "generate", "train/slsr", "evaluate/none"):
+        assert sum(ln.startswith(f"[slsr] {stage} ") and "finished in" in ln for ln in lines) == 1, stage
+    epochs = [ln for ln in lines if "epoch 1/1" in ln]
+    assert [ln.split()[1] for ln in epochs] == ["pretrain", "train/slsr", "train/none"], epochs
+    assert "| slsr | no |" in console and "| none | yes |" in console
+    # Ray's lines are in the log file, with the workers' output; and Ray Train's placement-group cleaner
+    # reached the state API even with a second Ray on the machine
+    text = log.read_text()
+    assert "Started a local Ray instance" in text and "TrainingReport(" in text
+    assert "(RayTrainWorker pid=" in text and "epoch 1/1" in text
+    assert "Failed to query" not in text and "multiple active Ray instances" not in text
+
+
+def test_verbose_brings_ray_logs_back(tmp_path):
+    overrides = ["--until", "prepare", "--set", "data.synthetic.num_ids=8", "--set", "data.synthetic.images_per_id=4"]
+    quiet = _slsr("run", "--run-root", str(tmp_path / "quiet"), *overrides, timeout=600)
+    loud = _slsr("-v", "run", "--run-root", str(tmp_path / "loud"), *overrides, timeout=600)
+    assert quiet.returncode == 0 and loud.returncode == 0, quiet.stdout + loud.stdout
+    assert "Started a local Ray instance" not in quiet.stdout
+    assert "Started a local Ray instance" in loud.stdout
+    for out, root in ((quiet, "quiet"), (loud, "loud")):
+        assert "[slsr] prepare " in out.stdout
+        assert "Started a local Ray instance" in (tmp_path / root / "logs" / "ray.log").read_text()
