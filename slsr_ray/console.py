@@ -17,6 +17,7 @@ notebooks, ``import slsr_ray``) leaves Ray's own console behaviour unless it ask
 
 from __future__ import annotations
 
+import builtins
 import functools
 import logging
 import os
@@ -29,6 +30,7 @@ TAG = "[slsr] "
 SHOW = {"console": True}
 _FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _RAY_PRINTER = "ray_print_logs"  # the name Ray gives its worker-output handler on the driver
+_PRINT = builtins.print  # Ray's tqdm_ray replaces builtins.print in the driver once it prints worker output
 
 
 class _LogFile(logging.Handler):
@@ -146,6 +148,11 @@ def echo(text: str = "") -> None:
         _clear_status()
         _State.status_text = ""
         print(text, flush=True)
+
+
+def is_console(fn) -> bool:
+    """Whether ``fn`` prints to the console: :func:`echo`, or ``print`` (also as Ray patches it)."""
+    return fn is echo or fn is _PRINT or fn is builtins.print
 
 
 def status(text: str, label: str = "") -> None:

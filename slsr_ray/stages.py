@@ -146,9 +146,9 @@ def run_stage(run_root: str, stage: str, stage_hash: str, fn, force: bool = Fals
 
     Skips when the marker holds ``stage_hash`` (unless ``force``); otherwise prepares the folder
     (:func:`begin_stage`), calls ``fn()`` for the outputs and writes the marker last. Returns the
-    stage's record and whether it ran. With ``echo=print`` the "running" line is the console's transient
+    stage's record and whether it ran. With ``echo=print`` (the console) the "running" line is the console's transient
     status line (:func:`slsr_ray.console.status`: one line per stage in a log, a live line on a terminal)."""
-    if echo is print:
+    if console.is_console(echo):
         echo = console.echo
     if not force and is_done(run_root, stage, stage_hash):
         echo(f"[{tag}] {stage:<18} done (skipped)")

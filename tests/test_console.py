@@ -101,7 +101,8 @@ def test_pipeline_console_is_short_and_ray_logs_go_to_the_run_root(second_ray, t
 
 
 def test_verbose_brings_ray_logs_back(tmp_path):
-    overrides = ["--until", "prepare", "--set", "data.synthetic.num_ids=8", "--set", "data.synthetic.images_per_id=4"]
+    overrides = ["--until", "prepare", "--set", "data.synthetic.num_ids=8", "--set", "data.synthetic.images_per_id=4",
+                 "--set", "cluster.ks=[2,3]"]
     quiet = _slsr("run", "--run-root", str(tmp_path / "quiet"), *overrides, timeout=600)
     loud = _slsr("-v", "run", "--run-root", str(tmp_path / "loud"), *overrides, timeout=600)
     assert quiet.returncode == 0 and loud.returncode == 0, quiet.stdout + loud.stdout
