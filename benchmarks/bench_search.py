@@ -3,7 +3,8 @@
 The gallery imitates re-id features: ``N / 10`` identities of 10 images each around an identity centre
 (non-negative, like pooled ReLU features), queries are other images of those identities. Both
 indexes are :class:`slsr_ray.faiss_index.FeatureIndex` (Euclidean); ``ours`` is the IVF index at its default
-``nlist`` / ``nprobe``, the peer the exact ``IndexFlatL2``; recall@10 is the share of the exact top-10
+``nlist`` / ``nprobe``, the peer the exact ``IndexFlatL2`` (``ratio`` = ours / peer time: below 1, IVF
+is faster); recall@10 is the share of the exact top-10
 the IVF index returns. Build time (IVF k-means training) is reported apart from the query time. Both
 run on one faiss thread.
 Sizes: ``small`` N = 20,000 (IVF forced by lowering the threshold to 10,000), ``market`` N = 200,000

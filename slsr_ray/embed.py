@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from . import storage
+from .errors import SlsrError
 from .export import LoadedModel, load_reference
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 GALLERY_META_KEY = b"slsr.gallery"
 
 
-class EmbedError(ValueError):
+class EmbedError(SlsrError, ValueError):
     """Images that cannot be embedded: no such folder or manifest, no images in it."""
 
 

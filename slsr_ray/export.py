@@ -31,6 +31,7 @@ from torch import nn
 
 from . import storage
 from .config import config_hash
+from .errors import SlsrError
 from .stages import MARKER, read_record
 
 log = logging.getLogger(__name__)
@@ -40,11 +41,11 @@ MODEL_FILE = "model.pt"
 ONNX_OPSET = 17
 
 
-class ModelError(ValueError):
+class ModelError(SlsrError, ValueError):
     """A model reference that is not a usable checkpoint or run root."""
 
 
-class ExportError(ValueError):
+class ExportError(SlsrError, ValueError):
     """An export that cannot be done (unknown format, missing exporter package)."""
 
 
@@ -82,7 +83,10 @@ def resolve_model(ref: str, strategy: str | None = None) -> ModelSource:
     ref = storage.absolute(str(ref))
     if storage.exists(storage.join(ref, "config.json")):
         if strategy is None:
-            strategy = storage.read_json(storage.join(ref, "config.json"))["train"]["strategy"]
+            cfg = storage.read_json(storage.join(ref, "config.json"))  # CorruptFileError naming it
+            strategy = (cfg.get("train") or {}).get("strategy") if isinstance(cfg, dict) else None
+            if not isinstance(strategy, str):
+                raise ModelError(f"{storage.join(ref, 'config.json')} has no train.strategy; pass --strategy")
         ckpt = storage.join(ref, "train", strategy, MODEL_FILE)
         if read_record(ref, f"train/{strategy}") is None or not storage.exists(ckpt):
             raise ModelError(f"run root {ref} has no finished train/{strategy} stage (no {ckpt} with its "
@@ -226,10 +230,11 @@ def _run_metrics(source: ModelSource) -> dict | None:
 def model_card(loaded: LoadedModel, feature: str, fmt: str) -> dict:
     """What a user of the exported file needs to feed it and to trust it."""
     from . import __version__
-    from .transforms import IMAGENET_MEAN, IMAGENET_STD
+    from .transforms import normalization
 
     h, w = loaded.input_size
     cfg = loaded.config
+    mean, std = normalization(cfg.input_norm)
     return {
         "format": fmt,
         "onnx_opset": ONNX_OPSET if fmt == "onnx" else None,
@@ -238,7 +243,7 @@ def model_card(loaded: LoadedModel, feature: str, fmt: str) -> dict:
         "input": {"name": "images", "shape": ["batch", 3, h, w], "dtype": "float32", "layout": "NCHW, RGB"},
         "input_size": [h, w],
         "preprocessing": "decode to RGB, resize to input_size (PIL bilinear), scale to [0, 1], subtract mean, divide by std",
-        "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "normalisation": {"name": cfg.input_norm, "mean": list(mean), "std": list(std)},
         "output": {"name": "features", "shape": ["batch", loaded.feature_dim(feature)], "dtype": "float32"},
         "feature": feature,
         "feature_dim": loaded.feature_dim(feature),

@@ -31,6 +31,7 @@ import pyarrow as pa
 
 from . import storage
 from .embed import images_manifest, read_gallery_metadata
+from .errors import SlsrError
 from .export import LoadedModel, first_line
 from .faiss_index import IVF_THRESHOLD, METRICS, FeatureIndex, gallery_index
 
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 RERANK_FULL = 20_000
 
 
-class SearchError(ValueError):
+class SearchError(SlsrError, ValueError):
     """Bad search input: a missing or empty gallery, an undecodable query, a model that does not fit."""
 
 
@@ -136,7 +137,8 @@ def query_features(loaded: LoadedModel, paths: list[str], feature: str, batch_si
             except ImageReadError as e:
                 raise SearchError(f"query image {p} does not decode: {first_line(e)}") from e
         with torch.inference_mode():
-            out.append(loaded.model.extract(normalise(np.stack(images)), feature=feature).float().numpy())
+            x = normalise(np.stack(images), loaded.config.input_norm)
+            out.append(loaded.model.extract(x, feature=feature).float().numpy())
     return np.concatenate(out)
 
 
@@ -172,6 +174,11 @@ class SearchSettings:
             raise SearchError(f"--top must be >= 1, got {self.top}")
         if self.metric not in METRICS:
             raise SearchError(f"--metric must be one of {METRICS}, got {self.metric!r}")
+        if self.k1 < 1 or self.k2 < 1 or not 0 <= self.lambda_value <= 1:
+            raise SearchError(f"re-ranking needs k1 >= 1, k2 >= 1 and 0 <= lambda <= 1, got k1 {self.k1}, "
+                              f"k2 {self.k2}, lambda {self.lambda_value}")
+        if self.nprobe is not None and self.nprobe < 1:
+            raise SearchError(f"--nprobe must be >= 1, got {self.nprobe}")
 
 
 def _excluded(queries: list[Query], gallery: Gallery, skip_same_camera: bool) -> list[np.ndarray]:

@@ -152,7 +152,7 @@ class NodeLocalS3FileSystem(pafs.S3FileSystem):
     error naming the URI when it has none) and builds its own client."""
 
     def __init__(self, options: dict[str, Any], uri: str):
-        super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3), **options)
+        super().__init__(**options)  # _s3_options() holds the retry strategy (SLSR_S3_RETRIES attempts)
         self._slsr_options, self._slsr_uri = dict(options), uri
 
     def __reduce__(self):

@@ -55,9 +55,12 @@ def s3_bucket(moto_server):
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(moto_server):
     """One local Ray for the whole test session (2 CPUs, a small object store), started the way every run
-    starts it, with Ray's own console output (pytest captures it)."""
+    starts it, with Ray's own console output (pytest captures it).
+
+    moto's server starts first: its port is only chosen at import, and a Ray worker started before it
+    can bind that port (seen: a Train controller on it, then an S3 test hung talking to it)."""
     import ray
 
     from slsr_ray.raysetup import init_ray

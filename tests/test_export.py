@@ -14,7 +14,15 @@ import torch
 from typer.testing import CliRunner
 
 from slsr_ray.cli import app
-from slsr_ray.export import ModelError, card_path, export_model, load_reference, run_onnx, run_torchscript
+from slsr_ray.export import (
+    ModelError,
+    card_path,
+    export_model,
+    load_reference,
+    model_card,
+    run_onnx,
+    run_torchscript,
+)
 from slsr_ray.extract import decode_resize, normalise
 from slsr_ray.models import ModelConfig, build_model, save_checkpoint
 from slsr_ray.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -60,11 +68,20 @@ def test_exported_features_equal_pytorch(checkpoint, synthetic_dataset, tmp_path
     assert card_uri == card_path(out) and card_uri.endswith(".card.json")
     assert card["backbone"] == "resnet18" and card["input_size"] == [H, W] and card["feature"] == feature
     assert card["feature_dim"] == 512 and card["output"]["shape"] == ["batch", 512]
-    assert card["normalisation"] == {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    assert card["normalisation"] == {"name": "imagenet", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     assert card["file"]["sha256"] == hashlib.sha256(data).hexdigest()
     assert card["check"]["max_abs_diff_vs_pytorch"] < 1e-4
     assert len(card["training"]["config_hash"]) == 16 and card["training"]["strategy"] == "slsr"
     assert card["metrics"] is None  # a bare checkpoint has no run to take metrics from
+
+
+def test_card_gives_the_models_own_input_normalisation(tmp_path):
+    cfg = ModelConfig(num_classes=4, backbone="resnet18", input_norm="symmetric")
+    path = str(tmp_path / "sym.pt")
+    save_checkpoint(path, build_model(cfg, announce=False), cfg, {"height": H, "width": W})
+    card = model_card(load_reference(path), "bottleneck", "onnx")
+    assert card["normalisation"] == {"name": "symmetric", "mean": [0.5] * 3, "std": [0.5] * 3}
+    assert card["feature_dim"] == cfg.bottleneck_dim and card["input"]["shape"] == ["batch", 3, H, W]
 
 
 def test_onnx_graph_has_no_classifier_and_a_dynamic_batch(checkpoint, tmp_path):

@@ -1,6 +1,9 @@
 """Using a trained model: ``slsr export`` (ONNX / TorchScript + model card), ``slsr embed`` (a folder or
 manifest of images -> one feature parquet, with Ray Data) and ``slsr search`` (top-k gallery images of
-a query, faiss, optional re-ranking, a table, JSON and PNG strips)."""
+a query, faiss, optional re-ranking, a table, JSON and PNG strips).
+
+Bad input raises the project's errors (:class:`slsr_ray.errors.SlsrError` subclasses naming the file);
+the ``slsr`` group turns them into one ``error: ...`` line and exit status 2."""
 
 from __future__ import annotations
 
@@ -10,22 +13,6 @@ import typer
 
 MODEL_HELP = "a run root (its train.strategy model), a training folder or a model.pt (local or s3://)"
 STRATEGY_HELP = "with a run root: the model of this strategy (default: the run's train.strategy)"
-
-
-def _errors() -> tuple[type[Exception], ...]:
-    from .. import storage
-    from ..data.images import ImageReadError
-    from ..embed import EmbedError
-    from ..export import ExportError, ModelError
-    from ..extract import ExtractError
-    from ..search import SearchError
-
-    return (ModelError, ExportError, EmbedError, SearchError, ExtractError, ImageReadError, storage.StorageError)
-
-
-def _fail(e: Exception) -> None:
-    typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(2) from e
 
 
 def export(
@@ -39,10 +26,7 @@ def export(
     """Export the retrieval feature path (no classifier, no noise layer) with a dynamic batch size."""
     from ..export import export_model
 
-    try:
-        out, card = export_model(model, fmt, output, feature=feature, strategy=strategy)
-    except _errors() as e:
-        _fail(e)
+    out, card = export_model(model, fmt, output, feature=feature, strategy=strategy)
     typer.echo(f"exported to {out}\nmodel card {card}")
 
 
@@ -60,11 +44,8 @@ def embed(
     """One feature per image with Ray Data (the extract stage's code), gathered into one parquet."""
     from ..embed import embed_images
 
-    try:
-        out = embed_images(model, images, output, feature=feature, batch_size=batch_size, num_actors=num_actors,
-                           strategy=strategy, address=address)
-    except _errors() as e:
-        _fail(e)
+    out = embed_images(model, images, output, feature=feature, batch_size=batch_size, num_actors=num_actors,
+                       strategy=strategy, address=address)
     typer.echo(f"features written to {out}")
 
 
@@ -89,21 +70,17 @@ def search(
     from ..export import load_reference
     from ..search import SearchSettings, format_hits, load_gallery, read_queries, search, write_results
 
-    try:
-        settings = SearchSettings(top=top, metric=metric, rerank=rerank, k1=k1, k2=k2, lambda_value=lambda_value,
-                                  skip_same_camera=skip_same_camera, nprobe=nprobe)
-        loaded = load_reference(model, strategy)
-        gal = load_gallery(gallery)
-        queries = read_queries(query)
-        hits, index = search(loaded, gal, queries, settings)
-        info = {"model": loaded.source.checkpoint, "gallery": gal.uri, "gallery_size": len(gal.features),
-                "index": index.kind, "metric": metric, "rerank": rerank, "top": top,
-                "skip_same_camera": skip_same_camera,
-                "distance": f"k-reciprocal re-ranked {metric} (k1 {k1}, k2 {k2}, lambda {lambda_value})"
-                if rerank else metric}
-        doc = write_results(output, queries, hits, info)
-    except _errors() as e:
-        _fail(e)
+    settings = SearchSettings(top=top, metric=metric, rerank=rerank, k1=k1, k2=k2, lambda_value=lambda_value,
+                              skip_same_camera=skip_same_camera, nprobe=nprobe)
+    loaded = load_reference(model, strategy)
+    gal = load_gallery(gallery)
+    queries = read_queries(query)
+    hits, index = search(loaded, gal, queries, settings)
+    info = {"model": loaded.source.checkpoint, "gallery": gal.uri, "gallery_size": len(gal.features),
+            "index": index.kind, "metric": metric, "rerank": rerank, "top": top, "skip_same_camera": skip_same_camera,
+            "distance": f"k-reciprocal re-ranked {metric} (k1 {k1}, k2 {k2}, lambda {lambda_value})"
+            if rerank else metric}
+    doc = write_results(output, queries, hits, info)
     typer.echo(f"{len(queries)} quer{'y' if len(queries) == 1 else 'ies'} against {len(gal.features)} gallery "
                f"images, index {index.kind}, distance {info['distance']}")
     for q, row in zip(queries, hits, strict=True):
