@@ -16,7 +16,7 @@ app = typer.Typer(
 )
 
 # Each module exposes ``register(app)``; keep the list in pipeline order.
-COMMAND_MODULES = ("data", "train", "extract", "gan", "evaluate", "pipeline", "sweep")
+COMMAND_MODULES = ("data", "train", "extract", "gan", "evaluate", "pipeline", "sweep", "experiment")
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"slsr_ray.commands.{_name}").register(app)

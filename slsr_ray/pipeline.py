@@ -412,8 +412,10 @@ def _stage_family(key: str) -> str:
 
 
 def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, until: str | None = None,
-                 echo=print) -> dict:
-    """Run (or resume) the pipeline; returns the run summary (also written under ``report/``)."""
+                 echo=print, report: bool = True) -> dict:
+    """Run (or resume) the pipeline; returns the run summary (also written under ``report/``).
+    ``report=False`` skips the report and returns the stage timings (``slsr experiment`` runs many
+    small pipelines and writes one report of its own)."""
     if from_stage is not None and from_stage not in STAGES:
         raise ConfigError(f"--from must be one of {', '.join(STAGES)}, got {from_stage!r}")
     if until is not None and until not in STAGES:
@@ -442,6 +444,8 @@ def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, until: str 
         rec = write_record(cfg.run_root, key, hashes[key], t0, outputs)
         timings[key] = rec.seconds
         echo(f"[slsr] {key:<18} finished in {rec.seconds:.1f}s")
+    if not report:
+        return {"timings": timings}
     from .report import write_report
 
     return write_report(cfg, echo=echo)
