@@ -63,7 +63,7 @@ def _options(
 
 
 # Each module exposes ``register(app)``; keep the list in pipeline order.
-COMMAND_MODULES = ("data", "train", "extract", "gan", "evaluate", "pipeline", "sweep", "serve")
+COMMAND_MODULES = ("data", "train", "extract", "gan", "evaluate", "pipeline", "sweep", "serve", "experiment")
 
 
 for _name in COMMAND_MODULES:

@@ -443,21 +443,27 @@ def _stage_family(key: str) -> str:
 
 
 def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, until: str | None = None,
-                 echo=print) -> dict:
-    """Run (or resume) the pipeline; returns the run summary (also written under ``report/``)."""
+                 echo=print, report: bool = True) -> dict:
+    """Run (or resume) the pipeline; returns the run summary (also written under ``report/``).
+    ``report=False`` skips the report and returns the stage timings (``slsr experiment`` runs many
+    small pipelines and writes one report of its own)."""
     # Everything is checked before anything under the run root changes (config.json, markers).
     validate_config(cfg, check_inputs=True, from_stage=from_stage, until=until)
     check_run_root(cfg.run_root)
     storage.write_json(_uri(cfg, "config.json"), to_dict(cfg))
     hashes = stage_hashes(cfg)
     forced = False
+    timings: dict[str, float] = {}
     steps = plan(cfg)
     if until is not None:  # up to and including every key of that stage (train/<each strategy>)
         last = max((i for i, (key, _) in enumerate(steps) if _stage_family(key) == until), default=len(steps) - 1)
         steps = steps[: last + 1]
     for key, fn in steps:
         forced = forced or (from_stage is not None and _stage_family(key) == from_stage)
-        run_stage(cfg.run_root, key, hashes[key], lambda fn=fn: fn(cfg), force=forced, echo=echo)
+        rec, _ = run_stage(cfg.run_root, key, hashes[key], lambda fn=fn: fn(cfg), force=forced, echo=echo)
+        timings[key] = rec.seconds
+    if not report:
+        return {"timings": timings}
     from .report import write_report
 
     return write_report(cfg, echo=echo)

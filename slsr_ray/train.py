@@ -38,12 +38,15 @@ from .config import config_hash, from_known_fields
 from .console import SHOW, worker_logging
 from .errors import SlsrError
 from .labels import STRATEGIES, LabelStrategy, load_membership, make_strategy, slsr_loss
+from .losses import batch_hard_triplet_loss, smooth_real_targets, warmup_factor
 from .models.reid import ModelConfig, WeightsError, build_model, load_model, save_checkpoint
 from .raysetup import init_ray
+from .samplers import PKEpochSampler
 
 log = logging.getLogger(__name__)
 
 LR_POLICIES = ("inv", "step", "cosine")
+RECIPES = ("paper", "bot")
 NOISE_LAYER_ON = ("generated", "all")
 MODEL_FILE = "model.pt"
 STATUS_FILE = "train_status.json"
@@ -70,6 +73,13 @@ class TrainConfig:
     images per epoch. ``noise_layer_on``: which images are scored through the noise adaptation layer
     (see :mod:`slsr_ray.models.reid`). ``use_gpu=None`` decides from ``ray.cluster_resources()``.
     ``model`` holds the :class:`ModelConfig` fields; ``num_classes`` is set from the data.
+
+    ``recipe``: ``paper`` (the settings above) or ``bot``, the Bag-of-Tricks baseline on top of them
+    (:mod:`slsr_ray.losses`, :mod:`slsr_ray.samplers`): BNNeck head (``model.neck``), label smoothing
+    ``label_smoothing`` on the real images, a batch-hard triplet loss (``triplet_margin``, weight
+    ``triplet_weight``) on real images only, PK batches of ``pk_instances`` images per identity, and a
+    linear warm-up over ``warmup_epochs`` (None: 1/12 of the epochs, BoT's 10 of 120). The label strategy
+    still decides the generated images' targets.
     """
 
     epochs: int = 130
@@ -102,10 +112,20 @@ class TrainConfig:
     checkpoint_every: int = 1
     num_to_keep: int = 2
     run_name: str = "ray_train"
+    recipe: str = "paper"
+    label_smoothing: float = 0.1
+    triplet_margin: float = 0.3
+    triplet_weight: float = 1.0
+    pk_instances: int = 4
+    warmup_epochs: int | None = None
 
     def __post_init__(self):
         if isinstance(self.model, dict):
             self.model = ModelConfig.from_dict(self.model)
+        if self.recipe == "bot":
+            self.model.neck = "bnneck"
+            if self.warmup_epochs is None:
+                self.warmup_epochs = max(1, round(self.epochs / 12))
         checks = [
             (self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got {self.strategy!r}"),
             (self.lr_policy in LR_POLICIES, f"lr_policy must be one of {LR_POLICIES}, got {self.lr_policy!r}"),
@@ -116,6 +136,11 @@ class TrainConfig:
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.generated_ratio is None or self.generated_ratio >= 0, "generated_ratio must be >= 0 or None"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
+            (self.recipe in RECIPES, f"recipe must be one of {RECIPES}, got {self.recipe!r}"),
+            (self.recipe != "bot" or self.batch_size // self.num_workers >= 2 * self.pk_instances,
+             f"recipe bot: each worker's batch ({self.batch_size} / {self.num_workers} workers) must hold 2 "
+             f"identities x pk_instances ({self.pk_instances}) images"),
+            (0 <= self.label_smoothing <= 1, f"label_smoothing must lie in [0, 1], got {self.label_smoothing}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -309,9 +334,10 @@ def _load_init_weights(model: torch.nn.Module, uri: str) -> list[str]:
     their shapes differ (e.g. CE pretraining -> all_in_one with C+1 outputs). Returns skipped keys."""
     src, _, _ = load_model(uri)
     src_state, own = src.state_dict(), model.state_dict()
-    missing = [k for k in own if k not in src_state and not k.startswith(("classifier.", "noise."))]
+    head = ("classifier.", "noise.", "bottleneck.")  # fresh when they do not fit (other C, other neck)
+    missing = [k for k in own if k not in src_state and not k.startswith(head)]
     wrong = [k for k in own if k in src_state and src_state[k].shape != own[k].shape]
-    wrong_body = [k for k in wrong if not k.startswith(("classifier.", "noise."))]
+    wrong_body = [k for k in wrong if not k.startswith(head)]
     if missing or wrong_body:
         raise WeightsError(f"init checkpoint {uri} does not fit this model: missing {missing[:5]}, shapes {wrong_body[:5]}")
     keep = {k: v for k, v in src_state.items() if k in own and k not in wrong}
@@ -354,8 +380,12 @@ def _train_loop_per_worker(config: dict) -> None:
                                       norm=cfg.model.input_norm)
     generated = [False] * rows["num_real"] + [True] * rows["num_generated"]
     dataset = ManifestDataset(rows["paths"], rows["pids"], rows["clusters"], generated, transform)
-    sampler = EpochSampler(rows["num_real"], rows["num_generated"], cfg.generated_ratio, rank, world, cfg.seed)
     per_worker_batch = cfg.batch_size // world
+    if cfg.recipe == "bot":  # P identities x K images per batch for the triplet loss
+        sampler = PKEpochSampler(rows["pids"][: rows["num_real"]], rows["num_generated"], per_worker_batch,
+                                 cfg.pk_instances, cfg.generated_ratio, rank, world, cfg.seed)
+    else:
+        sampler = EpochSampler(rows["num_real"], rows["num_generated"], cfg.generated_ratio, rank, world, cfg.seed)
     if len(sampler) < per_worker_batch:
         raise ValueError(
             f"each of {world} workers gets {len(sampler)} images per epoch, fewer than its batch of "
@@ -373,8 +403,10 @@ def _train_loop_per_worker(config: dict) -> None:
     loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False, move_to_device=on_gpu)
     iters_per_epoch = len(sampler) // per_worker_batch
     total_iters = iters_per_epoch * cfg.epochs
+    warmup_iters = (cfg.warmup_epochs or 0) * iters_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: lr_factor(cfg.lr_policy, i, iters_per_epoch, total_iters, cfg)
+        optimizer,
+        lambda i: lr_factor(cfg.lr_policy, i, iters_per_epoch, total_iters, cfg) * warmup_factor(i, warmup_iters),
     )
     use_amp = cfg.amp and on_gpu
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -415,11 +447,15 @@ def _train_loop_per_worker(config: dict) -> None:
             with torch.autocast(device.type, enabled=use_amp):
                 out = model(images)
             q, lam = strategy.targets(pids, clusters, is_gen, out["logits"])
+            if cfg.recipe == "bot":
+                q, lam = smooth_real_targets(q, lam, is_gen, rows["num_ids"], cfg.label_smoothing)
             if cfg.noise_layer_on == "all":
                 log_probs = out["log_probs"]
             else:  # noisy (generated) rows through the transition matrix, clean rows without it
                 log_probs = torch.where(is_gen[:, None], out["log_probs"], out["clean_log_probs"])
             loss = slsr_loss(log_probs, pids, q, lam)
+            if cfg.recipe == "bot":  # real images only: generated ones (pid -1) have no identity
+                loss = loss + cfg.triplet_weight * batch_hard_triplet_loss(out["pool"], pids, cfg.triplet_margin)
             if fault and epoch == fault["nan_epoch"]:
                 loss = loss * float("nan")
             real = ~is_gen

@@ -53,6 +53,7 @@ from ..errors import SlsrError
 log = logging.getLogger(__name__)
 
 BACKBONES = ("resnet50", "resnet18")
+NECKS = ("bottleneck", "bnneck")
 FEATURES = ("pool", "bottleneck")
 # initial diagonal of the transition matrix T (rows sum to 1, the rest is spread over off-diagonals)
 NOISE_INIT_DIAGONAL = 0.999
@@ -76,10 +77,13 @@ class ModelConfig:
     noise_layer: bool = True
     pretrained: str | None = None
     input_norm: str = "imagenet"  # pixel scaling the model expects: imagenet statistics or symmetric [-1, 1]
+    neck: str = "bottleneck"  # the paper's 512-d bottleneck, or "bnneck" (Bag of Tricks, models/bnneck.py)
 
     def __post_init__(self):
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if self.neck not in NECKS:
+            raise ValueError(f"neck must be one of {NECKS}, got {self.neck!r}")
         if self.last_stride not in (1, 2):
             raise ValueError(f"last_stride must be 1 or 2, got {self.last_stride}")
         if self.num_classes < 1:
@@ -135,15 +139,20 @@ class ReidModel(nn.Module):
         self.feature_dim = backbone.fc.in_features
         backbone.fc = nn.Identity()  # avgpool + flatten stay: the backbone returns the pooled feature
         self.backbone = backbone
-        self.bottleneck = nn.Sequential(
-            nn.Linear(self.feature_dim, cfg.bottleneck_dim),
-            nn.BatchNorm1d(cfg.bottleneck_dim),
-            nn.LeakyReLU(0.1),
-            nn.Dropout(p=cfg.dropout),
-        )
-        self.classifier = nn.Linear(cfg.bottleneck_dim, cfg.num_classes)
+        if cfg.neck == "bnneck":
+            from .bnneck import bnneck_head
+
+            self.bottleneck, self.classifier = bnneck_head(self.feature_dim, cfg.num_classes)
+        else:
+            self.bottleneck = nn.Sequential(
+                nn.Linear(self.feature_dim, cfg.bottleneck_dim),
+                nn.BatchNorm1d(cfg.bottleneck_dim),
+                nn.LeakyReLU(0.1),
+                nn.Dropout(p=cfg.dropout),
+            )
+            self.classifier = nn.Linear(cfg.bottleneck_dim, cfg.num_classes)
+            self._init_head()
         self.noise = NoiseAdaptation(cfg.num_classes) if cfg.noise_layer else None
-        self._init_head()
 
     def _init_head(self) -> None:
         # as the layumi ClassBlock: kaiming for the bottleneck, N(1, 0.02) BN scale, small classifier init
