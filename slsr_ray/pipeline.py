@@ -287,6 +287,11 @@ def stage_prepare(cfg: PipelineConfig) -> dict:
         tables = {s: getattr(ds, s) for s in splits}
     for split, table in tables.items():
         table = to_manifest(table)
+        local = [p for p in table["path"].to_pylist() if not storage.is_s3(p)] if job_nodes() > 1 else []
+        if local:  # e.g. manifests written without --upload-images
+            raise ConfigError(f"{len(local)} {split} images of {d.manifests or d.root} are on the driver's disk "
+                              f"(e.g. {local[0]}) but this job runs on several nodes: upload them with "
+                              "slsr data manifest --upload-images s3://...")
         check_unique_paths(table, f"{split} manifest of dataset {d.manifests or d.root or d.dataset}")
         if d.check_images:
             from .data import check_images, relabel
@@ -449,7 +454,7 @@ def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, until: str 
     small pipelines and writes one report of its own)."""
     # Everything is checked before anything under the run root changes (config.json, markers).
     validate_config(cfg, check_inputs=True, from_stage=from_stage, until=until)
-    check_run_root(cfg.run_root)
+    check_run_root(cfg.run_root, _node_local_inputs(cfg))
     storage.write_json(_uri(cfg, "config.json"), to_dict(cfg))
     hashes = stage_hashes(cfg)
     forced = False
@@ -469,19 +474,42 @@ def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, until: str 
     return write_report(cfg, echo=echo)
 
 
-def check_run_root(run_root: str) -> None:
-    """The run root must be writable, and shared storage when a job runs on several nodes."""
-    if not storage.is_s3(run_root) and os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
-        import ray
+def job_nodes() -> int:
+    """How many alive nodes this process's Ray job runs on (0 outside a Ray job or without Ray)."""
+    if not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        return 0
+    import ray
 
-        if ray.is_initialized():
-            nodes = [n for n in ray.nodes() if n.get("Alive")]
-            if len(nodes) > 1:
-                raise ConfigError(
-                    f"run root {run_root!r} is a local path but this job runs on a {len(nodes)}-node cluster: "
-                    "other nodes cannot read it; use an s3:// run root"
-                )
+    return len([n for n in ray.nodes() if n.get("Alive")]) if ray.is_initialized() else 0
+
+
+def check_run_root(run_root: str, inputs: dict[str, str | None] | None = None) -> None:
+    """The run root must be writable; on a multi-node job it and every input path (``inputs``:
+    ``{config key: path}``) must be shared storage, not the driver's disk."""
+    nodes = job_nodes()
+    if nodes > 1:
+        if not storage.is_s3(run_root):
+            raise ConfigError(
+                f"run root {run_root!r} is a local path but this job runs on a {nodes}-node cluster: "
+                "other nodes cannot read it; use an s3:// run root"
+            )
+        local = {k: v for k, v in (inputs or {}).items() if v and not storage.is_s3(v)}
+        if local:
+            key, path = next(iter(local.items()))
+            raise ConfigError(
+                f"{key} {path!r} is on the driver's disk but this job runs on a {nodes}-node cluster: other "
+                "nodes cannot read it; put it on S3 (a dataset: slsr data manifest --upload-images s3://...)"
+            )
     storage.check_writable(run_root)
+
+
+def _node_local_inputs(cfg: PipelineConfig) -> dict[str, str | None]:
+    """Input paths the Ray workers read: a dataset root whose images are used in place (the manifests
+    are read by the driver; the image paths in them are checked by the prepare stage), the weights."""
+    d = cfg.data
+    in_place = d.dataset != "synthetic" and not d.manifests
+    return {"data.root": d.root if in_place else None, "pretrain.model.pretrained": cfg.pretrain.model.pretrained,
+            "train.model.pretrained": cfg.train.model.pretrained}
 
 
 def pipeline_status(run_root: str) -> list[dict]:

@@ -50,3 +50,34 @@ def test_a_gpu_process_without_cuda_runs_on_cpu_and_says_so_once(caplog):
     assert gpu.device_for(False, "cpu worker") == torch.device("cpu")
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and lines[0].startswith(gpu.CPU_FALLBACK_TAG) and "test worker" in lines[0]
+
+
+@pytest.fixture
+def two_one_gpu_nodes(monkeypatch):
+    """What the stages see of a cluster: two nodes with one GPU and one CPU each (4 CPUs in all)."""
+    import ray
+
+    monkeypatch.setattr(gpu, "gpu_nodes", lambda: list(ONE_GPU_NODES))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "GPU": 2.0})
+
+
+def test_stages_size_their_gpu_requests_to_the_nodes(two_one_gpu_nodes):
+    from slsr_ray.extract import ExtractConfig, ExtractError, _resources
+    from slsr_ray.gan import GanConfig, GanError, actor_resources
+    from slsr_ray.train import TrainConfig, _gpu_workers
+
+    # GAN: 3 actors at 1/2 GPU (not 2/3) with half of a GPU node's CPU each; 2 actors at a whole GPU
+    assert actor_resources(GanConfig(), 3) == (0.5, 0.5)
+    assert actor_resources(GanConfig(), 2) == (1.0, 1.0)
+    with pytest.raises(GanError, match="asks for 2 GPUs each but the largest node has 1"):
+        actor_resources(GanConfig(num_gpus=2), 2)
+    # Train: one whole GPU per worker; 3 workers on 2 GPUs run as 2 (same global batch) unless forced
+    assert _gpu_workers(TrainConfig(num_workers=2)) == (True, 2, 1.0)
+    assert _gpu_workers(TrainConfig(num_workers=3, batch_size=12)) == (True, 2, 1.0)
+    with pytest.raises(GpuRequestError, match="3 x 1 GPUs at once but the Ray cluster has 2 GPUs"):
+        _gpu_workers(TrainConfig(num_workers=3, batch_size=12, use_gpu=True))
+    assert _gpu_workers(TrainConfig(num_workers=3, batch_size=12, use_gpu=False)) == (False, 3, 1.0)
+    # extraction: an actor per GPU, no more CPUs than a GPU node has, decode tasks on the free CPUs
+    assert _resources(ExtractConfig(cpus_per_actor=2.0)) == (2, 1.0, "tasks", 1.0)
+    with pytest.raises(ExtractError, match="3 actors x 1 GPUs exceed the cluster's GPUs"):
+        _resources(ExtractConfig(num_actors=3))

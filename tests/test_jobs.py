@@ -8,105 +8,25 @@ on the machine, the test session's own Ray included.
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cluster_helpers import LocalCluster
+from cluster_helpers import submit as _submit
+from cluster_helpers import wait_job as _wait
 
 from slsr_ray import storage
 from slsr_ray.stages import read_record
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """A Ray head on 127.0.0.1 with the job server; yields the dashboard address."""
-    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port, dash = _free_port(), _free_port()
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled")
-    env.pop("RAY_ADDRESS", None)
-    cmd = [
-        str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--num-cpus=2",
-        "--include-dashboard=true", "--disable-usage-stats",
-        # fixed default ports (e.g. the agent's 52365) clash with any other Ray on the machine
-        f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-        f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-    ]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    address = f"http://127.0.0.1:{dash}"
-    from ray.job_submission import JobSubmissionClient
-
-    deadline = time.time() + 120
-    client = None
-    while time.time() < deadline:
-        try:
-            client = JobSubmissionClient(address)
-            client.list_jobs()
-            break
-        except Exception:
-            client = None
-            time.sleep(2)
-    if client is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("ray head did not come up in 120 s")
-    yield address, client
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _submit(address: str, run_root: str, overrides: list[str]) -> str:
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    env.pop("RAY_ADDRESS", None)
-    runtime_env = {"env_vars": {"RAY_AUTH_MODE": "disabled", "TQDM_DISABLE": "1", "RAY_TRAIN_V2_ENABLED": "1"}}
-    args = [
-        str(BIN / "ray"), "job", "submit", "--address", address, "--no-wait", "--working-dir", str(REPO),
-        "--runtime-env-json", json.dumps(runtime_env), "--",
-        "python", "jobs/run_pipeline.py", "--config", "synthetic", "--run-root", run_root,
-    ]
-    for o in overrides:
-        args += ["--set", o]
-    deadline = time.time() + 180
-    while True:  # right after start the head may have no job agent yet: retry
-        out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180, cwd=REPO)
-        if out.returncode == 0 or "No available agent" not in out.stderr or time.time() > deadline:
-            break
-        time.sleep(5)
-    assert out.returncode == 0, out.stdout + out.stderr
-    found = re.search(r"raysubmit_[A-Za-z0-9]+", out.stdout + out.stderr)
-    assert found, f"no submission id in: {out.stdout}"
-    return found.group(0)
-
-
-def _wait(client, job_id: str, until: set[str], timeout: float, also=lambda: False) -> str:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = str(client.get_job_status(job_id)).split(".")[-1]
-        if status in until or also():
-            return status
-        time.sleep(2)
-    raise AssertionError(f"job {job_id} still {status} after {timeout}s:\n{client.get_job_logs(job_id)[-3000:]}")
+    """A Ray head on 127.0.0.1 with the job server; yields the dashboard address and a job client."""
+    cluster = LocalCluster()
+    cluster.start_head(num_cpus=2)
+    yield cluster.dashboard, cluster.client
+    cluster.stop()
 
 
 @pytest.fixture(scope="module")
