@@ -79,8 +79,10 @@ class DataSection:
     synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
 
     def __post_init__(self):
-        from .data.protocols import check_split_id, get_protocol
+        from .data.protocols import PROTOCOLS, _key, check_split_id, get_protocol
 
+        if _key(self.dataset) not in PROTOCOLS:
+            return  # an unknown dataset name: validate_config reports it with the valid names
         check_split_id(self.dataset, get_protocol(self.dataset, self.protocol), self.split_id)
 
 
