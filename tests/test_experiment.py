@@ -22,9 +22,9 @@ FAST = ["train.num_workers=1", "pretrain.num_workers=1", "evaluate.rerank=false"
 
 @pytest.fixture(scope="module")
 def finished(ray_session, tiny_overrides, tmp_path_factory):
-    """2 strategies x 2 seeds, plus one generated-count point (0.5x the real images, seed 0)."""
+    """2 strategies x 2 seeds, plus one generated-count point (0.25x the real images, seed 0)."""
     root = str(tmp_path_factory.mktemp("experiment") / "run")
-    exp = ExperimentConfig(strategies=["none", "slsr"], seeds=[0, 1], generated=[0.5], curve_seeds=[0])
+    exp = ExperimentConfig(strategies=["none", "slsr"], seeds=[0, 1], generated=[0, 0.25], curve_seeds=[0])
     lines: list[str] = []
     results = run_experiment("synthetic", tiny_overrides + FAST, root, exp, echo=lines.append)
     return root, exp, results, lines
@@ -45,7 +45,7 @@ def test_table_numbers_come_from_the_per_seed_json(finished, tiny_overrides):
     root, exp, results, lines = finished
     recs = _point_records(root)
     num_real = Experiment("synthetic", tiny_overrides, root, exp).num_real()
-    count = round(0.5 * num_real)
+    count = round(0.25 * num_real)
     assert set(recs) == {("none", 0, ()), ("none", 1, ()), ("slsr", 0, ()), ("slsr", 1, ()),
                          ("slsr", 0, (f"generate.count={count}",))}
     rows = {(r["group"], r["label"]): r for r in results["rows"]}
@@ -62,8 +62,8 @@ def test_table_numbers_come_from_the_per_seed_json(finished, tiny_overrides):
         if diff[0] != diff[1]:
             assert slsr["vs_none"][m]["p"] == pytest.approx(stats.ttest_rel(x, ref).pvalue)
         assert none["vs_none"][m]["mean"] == 0.0 and none["vs_none"][m]["p"] is None  # itself
-    # the curve: 0x is the real-only baseline itself, 0.5x a point of its own (one seed: no std)
-    zero, half = rows[("generated", "0x (0 images)")], rows[("generated", f"0.5x ({count} images)")]
+    # the curve: 0x is the real-only baseline itself, 0.25x a point of its own (one seed: no std)
+    zero, half = rows[("generated", "0x (0 images)")], rows[("generated", f"0.25x ({count} images)")]
     assert zero["points"][0]["point"] == none["points"][0]["point"]
     assert half["seeds"] == [0] and half["metrics"]["mAP"]["std"] is None
     assert half["metrics"]["mAP"]["mean"] == pytest.approx(
@@ -85,7 +85,7 @@ def test_upstream_stages_are_shared_not_recomputed(finished):
         for stage in ("prepare", "pretrain", "extract", "cluster"):
             link = os.path.join(points, name, stage)
             assert os.path.islink(link) and os.path.realpath(link) == os.path.join(root, stage)
-    # the 0.5x point: its own generate stage, the base's GANs (linked), the base's generate untouched
+    # the 0.25x point: its own generate stage, the base's GANs (linked), the base's generate untouched
     (variant,) = os.listdir(os.path.join(root, "experiment", "upstream"))
     vroot = os.path.join(root, "experiment", "upstream", variant)
     assert os.path.realpath(os.path.join(vroot, "gan")) == os.path.join(root, "gan")
@@ -107,7 +107,7 @@ def test_rerun_skips_finished_points(finished, tiny_overrides):
     assert not any("running" in line for line in lines)  # no stage ran, upstream or point
     assert {p: os.path.getmtime(os.path.join(root, "experiment", "points", p, "point.json")) for p in stamps} == stamps
     # a third seed: only its two trainings run, the finished ones are reused
-    more = ExperimentConfig(strategies=["none", "slsr"], seeds=[0, 1, 2], generated=[0.5], curve_seeds=[0])
+    more = ExperimentConfig(strategies=["none", "slsr"], seeds=[0, 1, 2], generated=[0, 0.25], curve_seeds=[0])
     plan = Experiment("synthetic", tiny_overrides + FAST, root, more)
     todo = [p for p in plan.plan(build_rows(more, plan.num_real())) if plan.finished(p) is None]
     assert sorted((p.strategy, p.seed) for p in todo) == [("none", 2), ("slsr", 2)]
@@ -155,3 +155,21 @@ def test_bad_input_is_named(tiny_overrides, tmp_path):
         ExperimentConfig(variants={"v": ["train.lam=0.5"]}, strategies_of={"v": ["slsrr"]})
     with pytest.raises(ConfigError, match="local run root"):
         Experiment("synthetic", tiny_overrides, "s3://bucket/x", ExperimentConfig())
+
+
+def test_cli_collect_only_rewrites_the_tables(finished, tiny_overrides):
+    from typer.testing import CliRunner
+
+    from slsr_ray.cli import app
+
+    root = finished[0]
+    os.remove(os.path.join(root, "experiment", "results.md"))
+    sets = [a for o in tiny_overrides + FAST for a in ("--set", o)]
+    args = ["experiment", "-o", root, "--strategy", "none", "--strategy", "slsr", "--seed", "0", "--seed", "1",
+            "--generated", "0", "--generated", "0.25", "--curve-seed", "0", "--collect-only", *sets]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "5 distinct trainings, 0 to run" in res.output
+    assert "## Label strategies" in Path(root, "experiment", "results.md").read_text()
+    bad = CliRunner().invoke(app, ["experiment", "-o", root, "--variant", "bot", "--collect-only"])
+    assert bad.exit_code == 2 and "expected NAME[@strategy,...]" in bad.output
