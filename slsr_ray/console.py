@@ -240,8 +240,8 @@ _workers_log = logging.getLogger("slsr_ray.workers")
 
 def _on_worker_output(ray_printer, data: dict) -> None:
     """One batch of lines from one Ray worker process (or the raylet / autoscaler)."""
-    who = data.get("actor_name") or data.get("task_name") or ""
-    source = f"({who} pid={data.get('pid')})".replace("( ", "(")
+    who = data.get("actor_name") or data.get("task_name")
+    source = f"({who} pid={data.get('pid')})" if who else f"(pid={data.get('pid')})"
     lines = data.get("lines", [])
     if data.get("pid") == "autoscaler":  # its status dumps; Ray's printer keeps only the events
         ray_printer(data)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
 
 from . import console, storage
+
+log = logging.getLogger(__name__)
 
 # Under a local run root; an s3:// run root's log goes to Ray's session log folder.
 LOG_FILE = ("logs", "ray.log")
@@ -68,24 +72,45 @@ def _start_local(kwargs: dict) -> None:
     multiple active Ray instances" as soon as a second Ray runs on the machine. The raylet (so every
     worker) inherits ``RAY_API_SERVER_ADDRESS`` from this process during ``ray.init``; the driver drops
     it afterwards, where it would override the address of any job or state client it creates."""
-    import ray
-
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     kwargs.setdefault("object_store_memory", 512 * 1024 * 1024)
     if not kwargs.setdefault("include_dashboard", True):
-        ray.init(address="local", **kwargs)
+        _init_local(kwargs)
         return
     kwargs.setdefault("dashboard_host", "127.0.0.1")
     kwargs.setdefault("dashboard_port", _free_port())
     before = os.environ.get(API_SERVER_ENV)
     os.environ[API_SERVER_ENV] = f"http://{kwargs['dashboard_host']}:{kwargs['dashboard_port']}"
     try:
-        ray.init(address="local", **kwargs)
+        _init_local(kwargs)
     finally:
         if before is None:
             os.environ.pop(API_SERVER_ENV, None)
         else:
             os.environ[API_SERVER_ENV] = before
+
+
+def _init_local(kwargs: dict) -> None:
+    """``ray.init`` of a new local Ray, tried twice: Ray gives a new node a fixed 30 s to register, which
+    an overloaded machine (shared CPUs, other Rays) can miss. The processes of a failed try are stopped
+    (nothing else would stop them before this process exits)."""
+    import ray  # noqa: I001  (before psutil: Ray ships it in ray/thirdparty_files)
+    import psutil
+
+    me = psutil.Process()
+    for attempt in (1, 2):
+        before = {p.pid for p in me.children(recursive=True)}
+        try:
+            ray.init(address="local", **kwargs)
+            return
+        except Exception as e:
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            for p in me.children(recursive=True):
+                if p.pid not in before:
+                    with contextlib.suppress(psutil.Error):
+                        p.kill()
+            log.warning("the local Ray did not start within Ray's 30 s (an overloaded machine?); trying again")
 
 
 def _free_port() -> int:
