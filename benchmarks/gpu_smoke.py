@@ -141,7 +141,9 @@ def step_gan(size: dict, tmp: str, train) -> dict:
     from slsr_ray.gan import GanConfig, actor_resources, train_gans
 
     table = train.slice(0, min(train.num_rows, 96))
-    table = table.append_column("cluster", pa.array([i % 3 for i in range(table.num_rows)], pa.int64()))
+    # the manifest schema has a "cluster" column (-1, not yet clustered): overwrite it with 3 clusters
+    clusters = pa.array([i % 3 for i in range(table.num_rows)], pa.int64())
+    table = table.set_column(table.schema.get_field_index("cluster"), "cluster", clusters)
     cfg = GanConfig(image_size=size["gan_size"], epochs=size["gan_epochs"], batch_size=16, ngf=16, ndf=16)
     cpus, gpus = actor_resources(cfg, 3)
     assert abs(gpus - 1 / 3) < 1e-6, f"3 GAN actors should share the GPU (1/3 each), got {gpus}"
