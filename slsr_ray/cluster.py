@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from . import storage
+from . import layout, storage
 from .feature_shards import _check_finite, _default_num_shards
 from .kmeans import (  # noqa: F401  (re-exported: the kernel used to live here)
     INIT_SAMPLE_SIZE,
@@ -351,7 +351,7 @@ def run_clustering(
             f"K={too_big} larger than the number of identities ({n_ids}) in {features_dir}; "
             "each cluster needs its own identities for the sparse labels"
         )
-    marker = storage.join(output_dir, "silhouette.json")
+    marker = storage.join(output_dir, layout.SILHOUETTE)
     storage.remove(marker)  # an interrupted rerun must not look finished
     chosen = choose_k(shards, ks, n_init=n_init, max_iter=max_iter, tol=tol, seed=seed,
                       sample_size=sample_size, use_gpu=use_gpu)
@@ -360,13 +360,12 @@ def run_clustering(
     for row in chosen.rows:
         k = row["k"]
         res = chosen.results[k]
-        kdir = storage.join(output_dir, f"k{k}")
         cols = {c: meta[c] for c in ("path", "pid", "camid") if c in meta.column_names}
         cols["cluster"] = pa.array(res.labels, pa.int64())
         assignments = pa.table(cols)
-        storage.write_table(storage.join(kdir, "assignments.parquet"),
+        storage.write_table(layout.assignments_file(output_dir, k),
                             assignments.take(order) if order is not None else assignments)
-        storage.write_bytes(storage.join(kdir, "centroids.npy"), _npy_bytes(res.centroids.astype(np.float32)))
+        storage.write_bytes(layout.centroids_file(output_dir, k), _npy_bytes(res.centroids.astype(np.float32)))
         members = cluster_membership(pids, res.labels, rule=rule, min_share=min_share, k=k)
         line, spread = membership_report(members, n_ids)
         log.info("K=%d (%s): %s", k, rule, line)
@@ -376,12 +375,12 @@ def run_clustering(
                 "LSRO here (rule %r); the 'majority' rule partitions the identities", k, 100 * spread, rule,
             )
         sizes = np.bincount(res.labels, minlength=k)
-        storage.write_json(storage.join(kdir, "membership.json"), {
+        storage.write_json(layout.membership_file(output_dir, k), {
             "k": k, "rule": rule, "min_share": min_share if rule == "min_share" else None,
             "silhouette": row["silhouette"], "label_spread": spread,
             "clusters": [{"cluster": c, "size": int(sizes[c]), "pids": members[c]} for c in range(k)],
         })
-    storage.write_json(storage.join(output_dir, "summary.json"), {
+    storage.write_json(storage.join(output_dir, layout.CLUSTER_SUMMARY), {
         "features": features_dir, "rows": chosen.rows, "best_k": chosen.best_k, "seed": seed,
         "sample_size": sample_size, "n_init": n_init, "rule": rule, "min_share": min_share,
         "num_images": shards.n, "num_ids": n_ids, "dim": shards.dim,

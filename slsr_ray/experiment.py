@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from . import storage
 from .config import ConfigError, to_dict
 from .labels import STRATEGIES
+from .layout import RunLayout
 from .pipeline import USES_GENERATED, PipelineConfig, load_config, plan, run_pipeline, stage_hashes
 from .stages import is_done, read_record
 
@@ -159,7 +160,7 @@ class Experiment:
                 f"run root {self.root!r}: slsr experiment needs a local run root (its points link the shared "
                 "stage folders, which S3 cannot); run it on a node with a shared file system"
             )
-        self.dir = storage.join(self.root, "experiment")
+        self.dir = RunLayout(self.root).experiment
         self._hash_cache: dict[Point, tuple[PipelineConfig, dict]] = {}
 
     # ---------------------------------------------------------------------------- configs and ids
@@ -193,7 +194,7 @@ class Experiment:
         run_pipeline(cfg, until=last, echo=self._echo, report=False)
 
     def num_real(self) -> int:
-        return storage.read_table(storage.join(self.root, "prepare", "train.parquet")).num_rows
+        return storage.read_table(RunLayout(self.root).split("train")).num_rows
 
     def upstream_root(self, p: Point) -> str:
         """A folder whose upstream stages are done with this point's hashes: the run root, or a variant
@@ -206,10 +207,10 @@ class Experiment:
         shared = True
         for key in needed:
             shared = shared and is_done(self.root, key, hashes[key])
-            dst = storage.join(vroot, key)
+            dst = RunLayout(vroot).stage(key)
             _unlink(dst)  # a link is always renewed; real folders are the pipeline's (it checks their hashes)
             if shared and not os.path.exists(dst):
-                _link(storage.join(self.root, key), dst)
+                _link(RunLayout(self.root).stage(key), dst)
         if not all(is_done(vroot, k, hashes[k]) for k in needed):
             self.echo(f"[experiment] upstream stages for {list(p.overrides)} under {vroot}")
             cfg.run_root = vroot
@@ -230,11 +231,11 @@ class Experiment:
         upstream = self.upstream_root(p)
         proot = self.point_root(p)
         for key in _upstream_keys(cfg):
-            dst = storage.join(proot, key)
+            dst = RunLayout(proot).stage(key)
             _unlink(dst)
             if os.path.exists(dst):
                 raise RuntimeError(f"{dst} is a folder, expected a link to the shared stage: remove it and rerun")
-            _link(storage.join(upstream, key), dst)
+            _link(RunLayout(upstream).stage(key), dst)
             if not is_done(proot, key, hashes[key]):  # never let the pipeline rerun a stage through a link
                 raise RuntimeError(f"shared stage {key} under {upstream} does not match point {self.point_id(p)}")
         cfg.run_root = proot

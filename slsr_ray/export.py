@@ -29,15 +29,16 @@ import pyarrow.fs as pafs
 import torch
 from torch import nn
 
-from . import storage
+from . import layout, storage
 from .config import config_hash
 from .errors import SlsrError
+from .layout import RunLayout
 from .stages import MARKER, read_record
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript")
-MODEL_FILE = "model.pt"
+MODEL_FILE = layout.MODEL_FILE
 ONNX_OPSET = 17
 
 
@@ -73,7 +74,7 @@ def _run_root_of(checkpoint: str) -> ModelSource:
     folder = _parent(checkpoint)
     train_dir = _parent(folder)
     run_root = _parent(train_dir)
-    if posixpath.basename(train_dir.rstrip("/")) == "train" and storage.exists(storage.join(run_root, "config.json")):
+    if posixpath.basename(train_dir.rstrip("/")) == "train" and storage.exists(RunLayout(run_root).config):
         return ModelSource(checkpoint, run_root, posixpath.basename(folder.rstrip("/")))
     return ModelSource(checkpoint)
 
@@ -81,13 +82,13 @@ def _run_root_of(checkpoint: str) -> ModelSource:
 def resolve_model(ref: str, strategy: str | None = None) -> ModelSource:
     """Find the checkpoint of a model reference (see the module docstring); ModelError otherwise."""
     ref = storage.absolute(str(ref))
-    if storage.exists(storage.join(ref, "config.json")):
+    if storage.exists(RunLayout(ref).config):
         if strategy is None:
-            cfg = storage.read_json(storage.join(ref, "config.json"))  # CorruptFileError naming it
+            cfg = storage.read_json(RunLayout(ref).config)  # CorruptFileError naming it
             strategy = (cfg.get("train") or {}).get("strategy") if isinstance(cfg, dict) else None
             if not isinstance(strategy, str):
-                raise ModelError(f"{storage.join(ref, 'config.json')} has no train.strategy; pass --strategy")
-        ckpt = storage.join(ref, "train", strategy, MODEL_FILE)
+                raise ModelError(f"{RunLayout(ref).config} has no train.strategy; pass --strategy")
+        ckpt = RunLayout(ref).model(f"train/{strategy}")
         if read_record(ref, f"train/{strategy}") is None or not storage.exists(ckpt):
             raise ModelError(f"run root {ref} has no finished train/{strategy} stage (no {ckpt} with its "
                              f"{MARKER}); run the pipeline first or pass a model.pt")
@@ -201,7 +202,7 @@ def _training_info(loaded: LoadedModel) -> dict:
     folder has one, else of the checkpoint's model config and extras); the stage hash for a run."""
     src, extra = loaded.source, loaded.extra
     info = {k: extra.get(k) for k in ("strategy", "epochs", "num_ids")}
-    metrics_uri = storage.join(_parent(src.checkpoint), "metrics.json")
+    metrics_uri = storage.join(_parent(src.checkpoint), layout.METRICS_FILE)
     if storage.exists(metrics_uri):
         info["config_hash"] = config_hash(storage.read_json(metrics_uri)["config"])
         info["config_hash_of"] = "TrainConfig in " + metrics_uri
@@ -221,7 +222,7 @@ def _run_metrics(source: ModelSource) -> dict | None:
         return None
     out = {}
     for kind in ("plain", "rerank"):
-        uri = storage.join(source.run_root, "evaluate", source.strategy, f"{kind}.json")
+        uri = RunLayout(source.run_root).metrics(source.strategy, kind)
         if storage.exists(uri):
             out[kind] = {k: v for k, v in storage.read_json(uri).items() if k != "cmc"}
     return out or None

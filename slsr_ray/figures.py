@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import storage
+from .layout import RunLayout
 from .stages import read_record
 
 log = logging.getLogger("slsr_ray.figures")
@@ -99,7 +100,7 @@ def _require(uri: str, figure: str, stage: str) -> str:
 
 def run_config(run_root: str) -> dict:
     """The run's saved ``config.json`` (empty when the run has none)."""
-    uri = storage.join(run_root, "config.json")
+    uri = RunLayout(run_root).config
     return storage.read_json(uri) if storage.exists(uri) else {}
 
 
@@ -109,7 +110,7 @@ def run_strategies(run_root: str) -> list[str]:
     if cfg.get("train"):
         out = [cfg["train"].get("strategy", "slsr")]
         return out + [s for s in cfg.get("baselines", []) if s not in out]
-    found = set(storage.listdir(storage.join(run_root, "evaluate"))) | set(storage.listdir(storage.join(run_root, "train")))
+    found = {s for stage in ("evaluate", "train") for s in storage.listdir(RunLayout(run_root).stage(stage))}
     return sorted(s for s in found if not s.startswith(("_", ".")))
 
 
@@ -118,7 +119,7 @@ def chosen_k(run_root: str) -> int:
     rec = read_record(run_root, "cluster")
     if rec is not None:
         return int(rec.outputs["k"])
-    uri = _require(storage.join(run_root, "cluster", "silhouette.json"), "clusters", "cluster")
+    uri = _require(RunLayout(run_root).silhouette, "clusters", "cluster")
     return int(storage.read_json(uri)["best_k"])
 
 
@@ -159,7 +160,7 @@ def _sample(n_total: int, n: int, seed: int) -> np.ndarray:
 def dataset_samples(run_root: str, split: str = "train", num_ids: int = 6, seed: int = 0) -> Figure:
     """The same few identities seen by every camera (rows: cameras, columns: identities) from the
     ``prepare`` manifest of ``split``: what changes between cameras is what re-id must be robust to."""
-    uri = _require(storage.join(run_root, "prepare", f"{split}.parquet"), "dataset_samples", "prepare")
+    uri = _require(RunLayout(run_root).split(split), "dataset_samples", "prepare")
     t = storage.read_table(uri, columns=["path", "pid", "camid"])
     pids, cams, paths = t["pid"].to_numpy(), t["camid"].to_numpy(), t["path"].to_pylist()
     cameras = sorted(set(cams.tolist()))
@@ -203,23 +204,22 @@ def feature_pca(run_root: str, k: int | None = None, max_points: int = 5000, see
 
     from .extract import load_features
 
-    feat_dir = storage.join(run_root, "extract", "features")
-    _require(storage.join(run_root, "extract", "_STAGE.json"), "feature_pca", "extract")
+    run = RunLayout(run_root)
+    feat_dir = run.features
+    _require(run.marker("extract"), "feature_pca", "extract")
     k = chosen_k(run_root) if k is None else int(k)
-    kdir = storage.join(run_root, "cluster", f"k{k}")
-    assign = storage.read_table(_require(storage.join(kdir, "assignments.parquet"), "feature_pca", "cluster"),
-                                columns=["path", "cluster"])
+    assign = storage.read_table(_require(run.assignments(k), "feature_pca", "cluster"), columns=["path", "cluster"])
     table, feats = load_features(feat_dir)
     cluster_of = dict(zip(assign["path"].to_pylist(), assign["cluster"].to_pylist(), strict=True))
     paths = table["path"].to_pylist()
     missing = [p for p in paths if p not in cluster_of]
     if missing:
-        raise ValueError(f"{len(missing)} feature rows (e.g. {missing[0]}) have no cluster in {kdir}/assignments.parquet")
+        raise ValueError(f"{len(missing)} feature rows (e.g. {missing[0]}) have no cluster in {run.assignments(k)}")
     labels = np.array([cluster_of[p] for p in paths])
     pca = PCA(n_components=2, random_state=seed).fit(feats)
     rows = _sample(len(feats), max_points, seed)
     xy = pca.transform(feats[rows])
-    cen_uri = storage.join(kdir, "centroids.npy")
+    cen_uri = run.centroids(k)
     centroids = np.load(io.BytesIO(storage.read_bytes(cen_uri))) if storage.exists(cen_uri) else None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
@@ -249,7 +249,7 @@ def feature_pca(run_root: str, k: int | None = None, max_points: int = 5000, see
 
 def silhouette_vs_k(run_root: str) -> Figure:
     """Average silhouette of the k-means clustering for every K tried (the paper's Table 2)."""
-    doc = storage.read_json(_require(storage.join(run_root, "cluster", "silhouette.json"), "silhouette_vs_k", "cluster"))
+    doc = storage.read_json(_require(RunLayout(run_root).silhouette, "silhouette_vs_k", "cluster"))
     scores = {int(k): float(v) for k, v in doc.items() if k != "best_k"}
     ks = sorted(scores)
     k_used = chosen_k(run_root)
@@ -275,15 +275,13 @@ def gan_vs_real(run_root: str, per_cluster: int = 6, seed: int = 0) -> Figure:
     (right; from the generate stage, or the GAN's own sample grid when nothing was generated yet)."""
     from PIL import Image
 
+    run = RunLayout(run_root)
     k = chosen_k(run_root)
-    assign = storage.read_table(
-        _require(storage.join(run_root, "cluster", f"k{k}", "assignments.parquet"), "gan_vs_real", "cluster"),
-        columns=["path", "cluster"],
-    )
-    gen_uri = storage.join(run_root, "generate", "manifest.parquet")
+    assign = storage.read_table(_require(run.assignments(k), "gan_vs_real", "cluster"), columns=["path", "cluster"])
+    gen_uri = run.generated_manifest
     generated = storage.read_table(gen_uri, columns=["path", "cluster"]) if storage.exists(gen_uri) else None
-    gan_dir = storage.join(run_root, "gan")
-    if generated is None and not any(storage.exists(storage.join(gan_dir, f"c{c}", "samples.png")) for c in range(k)):
+    gan_dir = run.gan
+    if generated is None and not any(storage.exists(run.gan_samples(c)) for c in range(k)):
         raise FigureInputMissing(f"figure 'gan_vs_real' needs {gen_uri} or {gan_dir}/c*/samples.png (gan/generate stages)")
     a_paths, a_clusters = assign["path"].to_pylist(), assign["cluster"].to_numpy()
     rows, data = [], {"k": k, "real": {}, "generated": {}}
@@ -295,7 +293,7 @@ def gan_vs_real(run_root: str, per_cluster: int = 6, seed: int = 0) -> Figure:
                        if cc == c][:per_cluster]
             gen_img = _strip([_thumb(p) for p in g_paths])
         else:
-            uri = storage.join(gan_dir, f"c{c}", "samples.png")
+            uri = run.gan_samples(c)
             g_paths = [uri] if storage.exists(uri) else []
             gen_img = np.asarray(Image.open(io.BytesIO(storage.read_bytes(uri))).convert("RGB")) if g_paths else None
         data["real"][str(c)], data["generated"][str(c)] = real, g_paths
@@ -329,18 +327,18 @@ def label_distributions(run_root: str, image_index: int | None = None, lam: floa
 
     from .labels import load_membership, make_strategy
 
-    gen_uri = _require(storage.join(run_root, "generate", "manifest.parquet"), "label_distributions", "generate")
+    gen_uri = _require(RunLayout(run_root).generated_manifest, "label_distributions", "generate")
     generated = storage.read_table(gen_uri, columns=["path", "cluster"])
     k = chosen_k(run_root)
     membership = load_membership(
-        _require(storage.join(run_root, "cluster", f"k{k}", "membership.json"), "label_distributions", "cluster"))
+        _require(RunLayout(run_root).membership(k), "label_distributions", "cluster"))
     if image_index is None:
         gen_clusters = generated["cluster"].to_numpy()
         sparsest = min(set(gen_clusters.tolist()), key=lambda c: (len(membership.get(c, ())), c))
         image_index = int(np.flatnonzero(gen_clusters == sparsest)[0])
     if not 0 <= image_index < generated.num_rows:
         raise ValueError(f"image_index must be in 0..{generated.num_rows - 1} (generated images), got {image_index}")
-    train = storage.read_table(_require(storage.join(run_root, "prepare", "train.parquet"), "label_distributions",
+    train = storage.read_table(_require(RunLayout(run_root).split("train"), "label_distributions",
                                         "prepare"), columns=["pid"])
     num_classes = int(train["pid"].to_numpy().max()) + 1
     path, cluster = generated["path"][image_index].as_py(), int(generated["cluster"][image_index].as_py())
@@ -386,7 +384,7 @@ def training_histories(run_root: str, strategies: list[str] | None = None) -> di
     """``{"pretrain": [...], strategy: [...]}``: the per-epoch ``history`` of each training's metrics.json."""
     out = {}
     for name, stage in [("pretrain", "pretrain")] + [(s, f"train/{s}") for s in (strategies or run_strategies(run_root))]:
-        uri = storage.join(run_root, stage, "metrics.json")
+        uri = RunLayout(run_root).stage_metrics(stage)
         if storage.exists(uri):
             history = storage.read_json(uri).get("history", [])
             if history:
@@ -432,7 +430,7 @@ def cmc_curves(run_root: str, strategies: list[str] | None = None, max_rank: int
     curves: dict[str, list[float]] = {}
     for s in strategies or run_strategies(run_root):
         for mode, suffix in (("plain", ""), ("rerank", " + re-rank")):
-            uri = storage.join(run_root, "evaluate", s, f"{mode}.json")
+            uri = RunLayout(run_root).metrics(s, mode)
             if storage.exists(uri):
                 curves[s + suffix] = [float(v) for v in storage.read_json(uri)["cmc"][:max_rank]]
     if not curves:
@@ -478,8 +476,8 @@ def ranked_gallery(run_root: str, strategy: str | None = None, query_index: int 
     from .extract import load_features
 
     strategy = strategy or run_strategies(run_root)[0]
-    feat_dir = storage.join(run_root, "evaluate", strategy, "features")
-    _require(storage.join(run_root, "evaluate", strategy, "_STAGE.json"), "ranked_gallery", f"evaluate/{strategy}")
+    feat_dir = RunLayout(run_root).evaluation_features(strategy)
+    _require(RunLayout(run_root).marker(f"evaluate/{strategy}"), "ranked_gallery", f"evaluate/{strategy}")
     table, feats = load_features(feat_dir)
     split = np.asarray(table["split"].to_pylist())
     q_rows, g_rows = np.flatnonzero(split == "query"), np.flatnonzero(split == "gallery")

@@ -36,7 +36,7 @@ import ray
 import torch
 from PIL import Image
 
-from . import storage
+from . import layout, storage
 from .config import from_known_fields
 from .data import ImageReadError, read_image
 from .errors import SlsrError
@@ -144,7 +144,7 @@ def load_assignments(source: str | os.PathLike | pa.Table) -> pa.Table:
     else:
         uri = str(source)
         if not uri.endswith(".parquet"):
-            uri = storage.join(uri, "assignments.parquet")
+            uri = storage.join(uri, layout.ASSIGNMENTS)
         if not storage.exists(uri):
             raise GanDataError(
                 f"cluster assignments {uri} do not exist; pass the clustering stage's k{{K}} folder or its "
@@ -209,7 +209,7 @@ def _fingerprint(paths: list[str]) -> str:
 
 
 def checkpoint_uri(gan_dir: str, cluster: int) -> str:
-    return storage.join(str(gan_dir), f"c{cluster}", "ckpt.pt")
+    return layout.gan_checkpoint(gan_dir, cluster)
 
 
 def load_checkpoint(uri: str, map_location: str | torch.device = "cpu", data: bytes | None = None) -> dict:
@@ -248,7 +248,7 @@ class GanTrainerCore:
         self.cluster = int(cluster)
         self.cfg = cfg
         self.gan_dir = str(gan_dir)
-        self.dir = storage.join(self.gan_dir, f"c{self.cluster}")
+        self.dir = layout.gan_cluster_dir(self.gan_dir, self.cluster)
         self.ckpt_uri = checkpoint_uri(self.gan_dir, self.cluster)
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -339,7 +339,7 @@ class GanTrainerCore:
         buf = io.BytesIO()
         torch.save(state, buf)
         storage.write_bytes(self.ckpt_uri, buf.getvalue())  # atomic: a kill mid-write keeps the old one
-        storage.write_json(storage.join(self.dir, "losses.json"), self.losses)
+        storage.write_json(layout.gan_losses(self.gan_dir, self.cluster), self.losses)
 
     def _restore_last_good(self) -> None:
         self._init_models()
@@ -425,7 +425,7 @@ class GanTrainerCore:
             self.losses.append(self._train_epoch(epoch))
             self.epoch = epoch + 1
             self._save()
-        if self.epoch > start_epoch or not storage.exists(storage.join(self.dir, "samples.png")):
+        if self.epoch > start_epoch or not storage.exists(layout.gan_samples(self.gan_dir, self.cluster)):
             self.write_plots()
         last = self.losses[-1] if self.losses else {}
         return {
@@ -488,8 +488,8 @@ class GanTrainerCore:
         grid = make_grid(self.sample(self.cfg.grid_size), nrow=8, normalize=True, value_range=(-1, 1))
         buf = io.BytesIO()
         Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()).save(buf, format="PNG")
-        storage.write_bytes(storage.join(self.dir, "samples.png"), buf.getvalue())
-        storage.write_bytes(storage.join(self.dir, "losses.png"), plot_losses(self.losses, self.cluster))
+        storage.write_bytes(layout.gan_samples(self.gan_dir, self.cluster), buf.getvalue())
+        storage.write_bytes(storage.join(self.dir, layout.GAN_LOSS_PLOT), plot_losses(self.losses, self.cluster))
 
 
 GanTrainer = ray.remote(GanTrainerCore)
@@ -566,7 +566,7 @@ def make_trainer(cluster: int, paths: list[str], gan_dir: str, cfg: GanConfig, n
 
 
 def _epochs_done(gan_dir: str, cluster: int) -> int:
-    uri = storage.join(gan_dir, f"c{cluster}", "losses.json")
+    uri = layout.gan_losses(gan_dir, cluster)
     try:
         return len(storage.read_json(uri))
     except (storage.StorageError, json.JSONDecodeError):
@@ -632,14 +632,14 @@ def train_gans(
             log.warning(
                 "DCGAN of cluster %d looks mode-collapsed: its samples vary %.2fx as much as its real images "
                 "(realism %.2f); train longer or lower gan.lr (samples: %s)", c, r["diversity"], r["realism"],
-                storage.join(gan_dir, f"c{c}", "samples.png"),
+                layout.gan_samples(gan_dir, c),
             )
     summary = {
         "config": asdict(cfg),
         "clusters": {str(c): r for c, r in sorted(results.items())},
         "failures": {str(c): m for c, m in failures.items()},
     }
-    storage.write_json(storage.join(gan_dir, "gan.json"), summary)
+    storage.write_json(storage.join(gan_dir, layout.GAN_SUMMARY), summary)
     if failures:
         lines = "\n".join(f"  cluster {c}: {m}" for c, m in sorted(failures.items()))
         raise GanError(f"{len(failures)} of {k} cluster GAN(s) failed (finished: {sorted(results)}):\n{lines}")

@@ -18,7 +18,6 @@ import hashlib
 import heapq
 import io
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -27,7 +26,7 @@ import ray
 import torch
 from PIL import Image
 
-from . import storage
+from . import layout, storage
 from .data import MANIFEST_SCHEMA
 from .gan import GanCheckpointError, GanError, checkpoint_uri, generation_noise, load_checkpoint
 from .models.dcgan import DCGANArch, build_dcgan
@@ -63,10 +62,9 @@ def split_count(count: int, sizes: dict[int, int], split: str = "proportional") 
 def find_checkpoints(gan_dir: str) -> dict[int, str]:
     """Cluster id -> checkpoint URI for every ``c{c}/ckpt.pt`` under ``gan_dir``."""
     found = {}
-    for name in storage.listdir(gan_dir):
-        m = re.fullmatch(r"c(\d+)", name)
-        if m and storage.exists(checkpoint_uri(gan_dir, int(m.group(1)))):
-            found[int(m.group(1))] = checkpoint_uri(gan_dir, int(m.group(1)))
+    for c in layout.gan_clusters(gan_dir):
+        if storage.exists(checkpoint_uri(gan_dir, c)):
+            found[c] = checkpoint_uri(gan_dir, c)
     if not found:
         raise GanCheckpointError(f"no DCGAN checkpoints (c{{c}}/ckpt.pt) under {gan_dir}; run `slsr gan train` first")
     return dict(sorted(found.items()))
@@ -85,7 +83,7 @@ def _generate_cluster(
     G, _ = build_dcgan(arch)
     G.load_state_dict(ckpt["G"])
     G.to(device).eval()  # eval: BatchNorm running stats, so an image does not depend on its batch mates
-    img_dir = storage.join(out_dir, "images", f"c{cluster}")
+    img_dir = layout.generated_images_dir(out_dir, cluster)
     existing = set(storage.listdir(img_dir))
     names = [f"{i:06d}.jpg" for i in range(count)]
     h, w = image_size
@@ -168,7 +166,7 @@ def generate_images(
             str(c): {"uri": u, "sha256": meta[c]["sha256"], "epoch": meta[c]["epoch"]} for c, u in ckpts.items()
         },
     }
-    gen_json = storage.join(out_dir, "generation.json")
+    gen_json = storage.join(out_dir, layout.GENERATION_INFO)
     if storage.exists(gen_json):
         previous = storage.read_json(gen_json)
         previous.pop("counts", None)
@@ -220,6 +218,6 @@ def generate_images(
         },
         schema=GENERATED_SCHEMA,
     )
-    manifest = storage.join(out_dir, "manifest.parquet")
+    manifest = layout.generated_manifest(out_dir)
     storage.write_table(manifest, table)
     return manifest

@@ -25,7 +25,8 @@ from . import storage
 from .config import ConfigError, apply_overrides, config_hash, from_dict, load_yaml, to_dict
 from .extract import ExtractConfig
 from .gan import GanConfig
-from .stages import read_record, record_state, run_stage, stage_dir, status_table
+from .layout import RunLayout, split_file
+from .stages import read_record, record_state, run_stage, status_table
 from .train import TrainConfig
 from .validate import validate_config
 
@@ -243,8 +244,8 @@ def stage_hashes(cfg: PipelineConfig) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------ stages
 
 
-def _uri(cfg: PipelineConfig, *parts: str) -> str:
-    return storage.join(cfg.run_root, *parts)
+def _layout(cfg: PipelineConfig) -> RunLayout:
+    return RunLayout(cfg.run_root)
 
 
 def stage_prepare(cfg: PipelineConfig) -> dict:
@@ -262,17 +263,17 @@ def stage_prepare(cfg: PipelineConfig) -> dict:
     if d.manifests:
         folder = d.manifests.replace("{split_id}", str(d.split_id))
         for s in splits:
-            if not storage.exists(storage.join(folder, f"{s}.parquet")):
-                raise ConfigError(f"data.manifests: {storage.join(folder, f'{s}.parquet')} does not exist; protocol "
+            if not storage.exists(split_file(folder, s)):
+                raise ConfigError(f"data.manifests: {split_file(folder, s)} does not exist; protocol "
                                   f"{protocol.name} needs {', '.join(splits)} (slsr data manifest --protocol ...)")
-        tables = {s: storage.read_table(storage.join(folder, f"{s}.parquet")) for s in splits}
+        tables = {s: storage.read_table(split_file(folder, s)) for s in splits}
     else:
         root = d.root
         if d.dataset == "synthetic":
             spec = d.synthetic
             s3_run = storage.is_s3(cfg.run_root)
             if root is None:
-                root = tempfile.mkdtemp(prefix="slsr-synth-") if s3_run else _uri(cfg, "data")
+                root = tempfile.mkdtemp(prefix="slsr-synth-") if s3_run else _layout(cfg).data
             if not os.path.isdir(os.path.join(root, "bounding_box_train")):
                 make_synthetic(
                     root, num_ids=spec.num_ids, cams=spec.cams, images_per_id=spec.images_per_id, seed=spec.seed,
@@ -280,7 +281,7 @@ def stage_prepare(cfg: PipelineConfig) -> dict:
                 )
             ds = load_dataset("market1501", root, multi_query=protocol.name == "multi_query")
             if s3_run:  # every node must read the images: put them next to the run's artifacts
-                ds = upload_dataset(ds, _uri(cfg, "data"))
+                ds = upload_dataset(ds, _layout(cfg).data)
         else:
             if root is None:
                 raise ConfigError(f"data.root is required for dataset {d.dataset!r} (or give data.manifests)")
@@ -301,7 +302,7 @@ def stage_prepare(cfg: PipelineConfig) -> dict:
             table, bad = check_images(table, on_error=d.on_bad_image)
             if bad and split == "train":
                 table, _ = relabel(table)  # a dropped identity must not leave a hole in 0..N-1
-        uri = _uri(cfg, "prepare", f"{split}.parquet")
+        uri = _layout(cfg).split(split)
         storage.write_table(uri, table)
         out[split] = uri
     return out
@@ -312,7 +313,7 @@ def stage_pretrain(cfg: PipelineConfig) -> dict:
     from .train import run_training
 
     pre = dataclasses.replace(cfg.pretrain, strategy="none")
-    result = run_training(pre, _uri(cfg, "prepare", "train.parquet"), stage_dir(cfg.run_root, "pretrain"))
+    result = run_training(pre, _layout(cfg).split("train"), _layout(cfg).stage("pretrain"))
     return {"checkpoint": result.checkpoint, "final": result.metrics[-1] if result.metrics else {}, "wall_s": result.wall_s}
 
 
@@ -321,7 +322,7 @@ def stage_extract(cfg: PipelineConfig) -> dict:
     from .extract import extract_features
 
     ckpt = read_record(cfg.run_root, "pretrain").outputs["checkpoint"]
-    out = extract_features(_uri(cfg, "prepare", "train.parquet"), ckpt, _uri(cfg, "extract", "features"), cfg.extract)
+    out = extract_features(_layout(cfg).split("train"), ckpt, _layout(cfg).features, cfg.extract)
     return {"features": out}
 
 
@@ -332,37 +333,40 @@ def stage_cluster(cfg: PipelineConfig) -> dict:
     c = cfg.cluster
     ks = sorted(set(c.ks) | ({c.k} if c.k is not None else set()))
     summary = run_clustering(
-        _uri(cfg, "extract", "features"), stage_dir(cfg.run_root, "cluster"), ks=ks, rule=c.rule,
+        _layout(cfg).features, _layout(cfg).stage("cluster"), ks=ks, rule=c.rule,
         min_share=c.min_share, n_init=c.n_init, max_iter=c.max_iter, seed=c.seed, sample_size=c.silhouette_sample,
     )
     k = c.k if c.k is not None else summary["best_k"]
     return {
         "k": k,
         "silhouette": summary["silhouette"],
-        "assignments": _uri(cfg, "cluster", f"k{k}", "assignments.parquet"),
-        "membership": _uri(cfg, "cluster", f"k{k}", "membership.json"),
+        "assignments": _layout(cfg).assignments(k),
+        "membership": _layout(cfg).membership(k),
     }
 
 
-def stage_gan(cfg: PipelineConfig) -> dict:
-    """Step 4: one DCGAN Ray actor per cluster."""
+def stage_gan(cfg: PipelineConfig, assignments: str | None = None) -> dict:
+    """Step 4: one DCGAN Ray actor per cluster (of the cluster stage's chosen K, or of ``assignments``:
+    the sweep trains one set of GANs per K)."""
     from .gan import train_gans
 
-    assignments = read_record(cfg.run_root, "cluster").outputs["assignments"]
-    result = train_gans(assignments, stage_dir(cfg.run_root, "gan"), cfg.gan)
-    return {"gan_dir": stage_dir(cfg.run_root, "gan"), "clusters": result}
+    assignments = assignments or read_record(cfg.run_root, "cluster").outputs["assignments"]
+    result = train_gans(assignments, _layout(cfg).gan, cfg.gan)
+    return {"gan_dir": _layout(cfg).gan, "clusters": result}
 
 
 def stage_generate(cfg: PipelineConfig) -> dict:
-    """Step 5: generated images with their cluster id (their labels come from the strategy)."""
-    from .generate import generate_images
+    """Step 5: generated images with their cluster id (their labels come from the strategy); ``sizes``:
+    the real images each cluster's GAN learnt from (the count per cluster follows them)."""
+    from .gan import load_checkpoint
+    from .generate import find_checkpoints, generate_images
 
     g = cfg.generate
-    manifest = generate_images(
-        stage_dir(cfg.run_root, "gan"), stage_dir(cfg.run_root, "generate"), g.count,
-        split=g.split, seed=g.seed, image_size=(g.height, g.width),
-    )
-    return {"manifest": manifest, "count": g.count}
+    gan_dir = _layout(cfg).gan
+    manifest = generate_images(gan_dir, _layout(cfg).generate, g.count,
+                               split=g.split, seed=g.seed, image_size=(g.height, g.width))
+    sizes = {str(c): int(load_checkpoint(u)["num_images"]) for c, u in find_checkpoints(gan_dir).items()}
+    return {"manifest": manifest, "count": g.count, "sizes": sizes, "split": g.split}
 
 
 def stage_train(cfg: PipelineConfig, strategy: str) -> dict:
@@ -376,7 +380,7 @@ def stage_train(cfg: PipelineConfig, strategy: str) -> dict:
         membership = read_record(cfg.run_root, "cluster").outputs["membership"]
     init = read_record(cfg.run_root, "pretrain").outputs["checkpoint"] if cfg.train_init == "pretrain" else None
     result = run_training(
-        tcfg, _uri(cfg, "prepare", "train.parquet"), _uri(cfg, "train", strategy),
+        tcfg, _layout(cfg).split("train"), _layout(cfg).train(strategy),
         generated_manifest=generated, membership=membership, init_checkpoint=init,
     )
     return {"checkpoint": result.checkpoint, "final": result.metrics[-1] if result.metrics else {}, "wall_s": result.wall_s}
@@ -396,9 +400,10 @@ def stage_evaluate(cfg: PipelineConfig, strategy: str) -> dict:
     splits = ("query", "gallery") + (("multi_query",) if protocol.evaluation == "multi_query" else ())
     tables = []
     for split in splits:
-        t = storage.read_table(_uri(cfg, "prepare", f"{split}.parquet"))
+        t = storage.read_table(_layout(cfg).split(split))
         tables.append(t.append_column("split", pa.array([split] * t.num_rows, pa.string())))
-    feat_dir = extract_features(pa.concat_tables(tables), ckpt, _uri(cfg, "evaluate", strategy, "features"), cfg.extract)
+    feat_dir = extract_features(pa.concat_tables(tables), ckpt, _layout(cfg).evaluation_features(strategy),
+                                cfg.extract)
     table, feats = load_features(feat_dir)
     split = np.asarray(table["split"].to_pylist())
     pids, cams = table["pid"].to_numpy(), table["camid"].to_numpy()
@@ -414,7 +419,7 @@ def stage_evaluate(cfg: PipelineConfig, strategy: str) -> dict:
     out = {}
     for kind, res in results.items():
         out[kind] = {**_metrics_dict(res), **about}
-        storage.write_json(_uri(cfg, "evaluate", strategy, f"{kind}.json"), out[kind])
+        storage.write_json(_layout(cfg).metrics(strategy, kind), out[kind])
     return out
 
 
@@ -457,7 +462,7 @@ def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, until: str 
     # Everything is checked before anything under the run root changes (config.json, markers).
     validate_config(cfg, check_inputs=True, from_stage=from_stage, until=until)
     check_run_root(cfg.run_root, _node_local_inputs(cfg))
-    storage.write_json(_uri(cfg, "config.json"), to_dict(cfg))
+    storage.write_json(_layout(cfg).config, to_dict(cfg))
     hashes = stage_hashes(cfg)
     forced = False
     timings: dict[str, float] = {}
@@ -519,7 +524,7 @@ def pipeline_status(run_root: str) -> list[dict]:
     storage.require_folder(run_root, "run root", "the run root of a pipeline run")
     expected = None
     rows_extra = []
-    if storage.exists(storage.join(run_root, "config.json")):
+    if storage.exists(RunLayout(run_root).config):
         expected = stage_hashes(read_run_config(run_root))
         rows_extra = [k for k in expected if "/" in k]
     rows = [r for r in status_table(run_root, expected) if r["stage"] not in ("train", "evaluate")]
@@ -532,7 +537,7 @@ def pipeline_status(run_root: str) -> list[dict]:
 
 def read_run_config(run_root: str) -> PipelineConfig:
     """The config a run saved (``config.json``); errors name the file."""
-    uri = storage.join(run_root, "config.json")
+    uri = RunLayout(run_root).config
     try:
         cfg = from_dict(PipelineConfig, storage.read_json(uri))
     except ConfigError as e:

@@ -7,12 +7,12 @@ import logging
 import os
 import socket
 
-from . import console, storage
+from . import console, layout, storage
 
 log = logging.getLogger(__name__)
 
 # Under a local run root; an s3:// run root's log goes to Ray's session log folder.
-LOG_FILE = ("logs", "ray.log")
+LOG_FILE = layout.LOG_FILE
 # Where Ray's state API (served by the dashboard) is, for Ray Train's placement-group cleaner in the workers.
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 

@@ -23,7 +23,8 @@ import os
 import tempfile
 
 from . import figures as figs
-from . import storage
+from . import layout, storage
+from .layout import RunLayout
 from .stages import read_record
 
 log = logging.getLogger("slsr_ray.report")
@@ -58,10 +59,8 @@ def collect(cfg) -> dict:
                                for c in membership["clusters"]]
     rec = read_record(run_root, "gan")
     if rec is not None:
-        summary["gan_samples"] = [
-            storage.join(run_root, "gan", name, "samples.png")
-            for name in storage.listdir(storage.join(run_root, "gan")) if name.startswith("c")
-        ]
+        run = RunLayout(run_root)
+        summary["gan_samples"] = [run.gan_samples(c) for c in layout.gan_clusters(run.gan)]
     return summary
 
 
@@ -125,7 +124,7 @@ def report_blocks(summary: dict, figures: dict[str, figs.Figure]) -> list[tuple]
         rows.append(["**total**", f"{sum(summary['timings'].values()):.1f}"])
         blocks += [("h2", "Time per stage"), ("table", ["stage", "seconds"], rows)]
     if summary.get("tensorboard"):
-        blocks += [("h2", "TensorBoard"), ("code", f"tensorboard --logdir {storage.join(summary['run_root'], 'tensorboard')}")]
+        blocks += [("h2", "TensorBoard"), ("code", f"tensorboard --logdir {RunLayout(summary['run_root']).tensorboard}")]
     return blocks
 
 
@@ -215,7 +214,7 @@ def write_tensorboard(run_root: str, histories: dict[str, list[dict]], metrics: 
                     if key in values:
                         writer.add_scalar(f"eval/{mode}/{key}", float(values[key]), last)
             writer.close()
-            dest = storage.join(run_root, "tensorboard", name)
+            dest = storage.join(RunLayout(run_root).tensorboard, name)
             storage.remove(dest)
             for fname in sorted(os.listdir(local)):
                 with open(os.path.join(local, fname), "rb") as fh:
@@ -271,7 +270,7 @@ def log_to_mlflow(summary: dict, experiment: str | None = None) -> str | None:
                 values = {f"train/{name}/{k}": float(v) for k, v in epoch.items()
                           if k != "epoch" and isinstance(v, int | float) and not isinstance(v, bool)}
                 mlflow.log_metrics(values, step=int(epoch.get("epoch", i)))
-        report_dir = storage.join(run_root, "report")
+        report_dir = RunLayout(run_root).report
         with tempfile.TemporaryDirectory(prefix="slsr-mlflow-") as tmp:
             for fname in storage.listdir(report_dir):
                 with open(os.path.join(tmp, fname), "wb") as fh:
@@ -287,7 +286,7 @@ def write_report(cfg, echo=print) -> dict:
     """Write ``report/`` (summary.json, report.md, report.html, figure PNGs) and the TensorBoard logs for a
     run, log it to MLflow when configured, print the metrics table; returns the summary dict."""
     summary = collect(cfg)
-    out = storage.join(cfg.run_root, "report")
+    out = RunLayout(cfg.run_root).report
     evaluated = [s for s in cfg.strategies if f"evaluate/{s}" in summary["timings"]]
     options = {"training": {"strategies": list(cfg.strategies)}, "cmc": {"strategies": list(cfg.strategies)},
                "ranked_gallery": {"strategy": (evaluated or cfg.strategies)[0]}}  # the main method when evaluated
@@ -301,13 +300,13 @@ def write_report(cfg, echo=print) -> dict:
     }
     summary["tensorboard"] = write_tensorboard(cfg.run_root, summary["training"], summary["metrics"])
     blocks = report_blocks(summary, made)
-    storage.write_json(storage.join(out, "summary.json"), summary)
+    storage.write_json(storage.join(out, layout.REPORT_SUMMARY), summary)
     storage.write_text(storage.join(out, "report.md"), render_markdown(blocks))
     storage.write_text(storage.join(out, "report.html"), render_html(blocks))
     run_id = log_to_mlflow(summary)
     if run_id:
         summary["mlflow_run_id"] = run_id
-        storage.write_json(storage.join(out, "summary.json"), summary)
+        storage.write_json(storage.join(out, layout.REPORT_SUMMARY), summary)
         echo(f"[slsr] MLflow run {run_id} at {_redact(os.environ.get('MLFLOW_TRACKING_URI', ''))}")
     if summary["metrics"]:
         echo("")

@@ -15,10 +15,11 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from . import console, storage
+from . import console, layout, storage
+from .layout import RunLayout
 
 STAGES = ("prepare", "pretrain", "extract", "cluster", "gan", "generate", "train", "evaluate")
-MARKER = "_STAGE.json"
+MARKER = layout.STAGE_MARKER
 # written when a stage starts, with its config hash: an interrupted run of the *same* config resumes
 # from what the stage left (Ray Train checkpoints, GAN epochs, generated images); anything else in the
 # stage folder is from another config and is cleared first, so a resume never continues a changed one
@@ -42,14 +43,14 @@ class StageRecord:
 
 
 def stage_dir(run_root: str, stage: str) -> str:
-    return storage.join(run_root, stage)
+    return RunLayout(run_root).stage(stage)
 
 
 def read_record(run_root: str, stage: str) -> StageRecord | None:
     """The stage's marker, or None when it has none. A damaged marker (markers are written atomically,
     so only something outside the pipeline damages one) counts as "not done": a warning names the file
     and the stage reruns, rewriting it; ``slsr status`` shows the stage as ``corrupt``."""
-    uri = storage.join(run_root, stage, MARKER)
+    uri = storage.join(stage_dir(run_root, stage), MARKER)
     if not storage.exists(uri):
         return None
     try:
@@ -64,7 +65,7 @@ def record_state(run_root: str, stage: str, expected_hash: str | None) -> tuple[
     """(``done`` | ``stale`` | ``pending`` | ``corrupt``, the marker) of one stage key."""
     rec = read_record(run_root, stage)
     if rec is None:
-        corrupt = storage.exists(storage.join(run_root, stage, MARKER))
+        corrupt = storage.exists(RunLayout(run_root).marker(stage))
         return ("corrupt" if corrupt else "pending"), None
     return ("done" if expected_hash in (None, rec.hash) else "stale"), rec
 
@@ -81,7 +82,7 @@ def begin_stage(run_root: str, stage: str, stage_hash: str, force: bool = False)
     run is not ``force``d); otherwise the folder is emptied: Ray Train restores a finished run from its
     storage path and the GAN actors resume from their checkpoints, so stale state there would silently
     stand in for a changed config."""
-    folder = storage.join(run_root, stage)
+    folder = stage_dir(run_root, stage)
     running = storage.join(folder, RUNNING)
     resume = False
     if not force and storage.exists(running):
@@ -135,32 +136,33 @@ def write_record(run_root: str, stage: str, stage_hash: str, started: float, out
         seconds=round(now - started, 3),
         outputs=outputs,
     )
-    storage.write_json(storage.join(run_root, stage, MARKER), rec.__dict__)
-    storage.remove(storage.join(run_root, stage, RUNNING))
+    storage.write_json(RunLayout(run_root).marker(stage), rec.__dict__)
+    storage.remove(storage.join(stage_dir(run_root, stage), RUNNING))
     return rec
 
 
 def run_stage(run_root: str, stage: str, stage_hash: str, fn, force: bool = False, echo=print,
-              tag: str = "slsr") -> tuple[StageRecord, bool]:
+              tag: str = "slsr", label: str | None = None) -> tuple[StageRecord, bool]:
     """Skip, resume or run one stage (every runner's loop body: the pipeline's and the sweep's).
 
     Skips when the marker holds ``stage_hash`` (unless ``force``); otherwise prepares the folder
     (:func:`begin_stage`), calls ``fn()`` for the outputs and writes the marker last. Returns the
-    stage's record and whether it ran. With ``echo=print`` (the console) the "running" line is the console's transient
+    stage's record and whether it ran; ``label`` names the stage on the console (default: ``stage``). With ``echo=print`` (the console) the "running" line is the console's transient
     status line (:func:`slsr_ray.console.status`: one line per stage in a log, a live line on a terminal)."""
     if console.is_console(echo):
         echo = console.echo
+    name = label or stage
     if not force and is_done(run_root, stage, stage_hash):
-        echo(f"[{tag}] {stage:<18} done (skipped)")
+        echo(f"[{tag}] {name:<18} done (skipped)")
         return read_record(run_root, stage), False
     resumed = begin_stage(run_root, stage, stage_hash, force=force)
-    running = f"[{tag}] {stage:<18} {'resuming' if resumed else 'running'} ..."
+    running = f"[{tag}] {name:<18} {'resuming' if resumed else 'running'} ..."
     if echo is console.echo:
-        console.status(running, label=stage)
+        console.status(running, label=name)
     else:
         echo(running)
     started = time.time()
-    folder = storage.join(run_root, stage)
+    folder = stage_dir(run_root, stage)
     try:
         outputs = fn()
     except Exception:  # not on Ctrl-C / a kill: an interrupted run keeps its state to resume from
@@ -169,7 +171,7 @@ def run_stage(run_root: str, stage: str, stage_hash: str, fn, force: bool = Fals
     rec = write_record(run_root, stage, stage_hash, started, outputs)
     if not storage.is_s3(folder):
         storage.remove(_previous(folder))  # the new result is complete: the earlier one can go
-    echo(f"[{tag}] {stage:<18} finished in {rec.seconds:.1f}s")
+    echo(f"[{tag}] {name:<18} finished in {rec.seconds:.1f}s")
     return rec, True
 
 

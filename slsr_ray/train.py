@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from . import storage
+from . import layout, storage
 from .config import config_hash, from_known_fields
 from .console import SHOW, worker_logging
 from .errors import SlsrError
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 LR_POLICIES = ("inv", "step", "cosine")
 RECIPES = ("paper", "bot")
 NOISE_LAYER_ON = ("generated", "all")
-MODEL_FILE = "model.pt"
+MODEL_FILE = layout.MODEL_FILE
 STATUS_FILE = "train_status.json"
 STATE_FILE = "state.pt"
 # test hooks, read on the driver and passed to the workers: "epoch=E,marker=PATH" makes rank 0 exit hard
@@ -675,7 +675,7 @@ def run_training(
     save_checkpoint(model_uri, model, model_cfg, extra)
     wall = time.perf_counter() - t0
     storage.write_json(
-        storage.join(output_dir, "metrics.json"),
+        storage.join(output_dir, layout.METRICS_FILE),
         {"config": asdict(cfg), "history": history, "wall_s": wall, "checkpoint": model_uri},
     )
     return TrainResult(model_uri, history, wall, ray_ckpt_path, resumes=int(state["resumes"]))

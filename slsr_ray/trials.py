@@ -22,12 +22,13 @@ import dataclasses
 
 from . import storage
 from .config import ConfigError
+from .layout import RunLayout
 
 MODES = ("plain", "rerank", "single_query", "single_query_rerank")
 
 
 def trial_root(run_root: str, split_id: int) -> str:
-    return storage.join(run_root, f"split{split_id}")
+    return RunLayout(run_root).trial(split_id).root
 
 
 def trial_config(cfg, split_id: int):
@@ -93,7 +94,7 @@ def aggregate(cfg, splits: list[int], echo=print) -> dict:
     for strategy in cfg.strategies:
         per_mode = {}
         for mode in MODES:
-            uris = [storage.join(trial_root(cfg.run_root, i), "evaluate", strategy, f"{mode}.json") for i in splits]
+            uris = [RunLayout(cfg.run_root).trial(i).metrics(strategy, mode) for i in splits]
             if not all(storage.exists(u) for u in uris):
                 continue
             runs = [storage.read_json(u) for u in uris]
@@ -103,7 +104,7 @@ def aggregate(cfg, splits: list[int], echo=print) -> dict:
                                       f"{r.get('split_id')!r}, expected {protocol.name!r} split {i}")
             agg = aggregate_trials(runs)
             per_mode[mode] = _aggregate_dict(agg, runs, summary)
-            storage.write_json(storage.join(cfg.run_root, "trials", strategy, f"{mode}.json"), per_mode[mode])
+            storage.write_json(storage.join(RunLayout(cfg.run_root).trials, strategy, f"{mode}.json"), per_mode[mode])
             table[f"{strategy} {mode}"] = RankResult.from_metrics(agg)
         if per_mode:
             summary["strategies"][strategy] = per_mode
@@ -111,12 +112,13 @@ def aggregate(cfg, splits: list[int], echo=print) -> dict:
         echo("[slsr] no trial has evaluation results yet (--until stopped before evaluate?)")
         return summary
     text = format_table(table)
-    storage.write_json(storage.join(cfg.run_root, "trials", "results.json"), summary)
-    storage.write_text(storage.join(cfg.run_root, "trials", "results.md"),
+    out = RunLayout(cfg.run_root).trials
+    storage.write_json(storage.join(out, "results.json"), summary)
+    storage.write_text(storage.join(out, "results.md"),
                        f"# {cfg.name}: {cfg.data.dataset} {protocol.name}, mean±std over {len(splits)} trials "
                        f"(splits {splits[0]}..{splits[-1]}), in %\n\n```\n{text}\n```\n")
     echo(f"[slsr] {protocol.name}: mean±std over {len(splits)} trials (in %)\n{text}")
-    echo(f"[slsr] trial results: {storage.join(cfg.run_root, 'trials', 'results.json')}")
+    echo(f"[slsr] trial results: {storage.join(out, 'results.json')}")
     return summary
 
 

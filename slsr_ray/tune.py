@@ -48,6 +48,7 @@ import pyarrow.compute as pc
 
 from . import storage
 from .config import ConfigError, config_hash, from_dict, to_dict
+from .layout import RunLayout, SweepLayout, per_k_stage
 from .pipeline import USES_GENERATED, DataSection, PipelineConfig, check_run_root, stage_hashes
 from .stages import read_record, run_stage
 
@@ -128,37 +129,6 @@ class SweepConfig:
         keys = ("ks", "lams", "generated", "lrs", "search", "num_samples", "asha", "asha_grace_period",
                 "asha_reduction_factor", "report_every", "val_fraction", "seed")
         return {k: getattr(self, k) for k in keys}
-
-
-@dataclass
-class SweepLayout:
-    """Where a sweep's artifacts live under the run root."""
-
-    run_root: str
-
-    @property
-    def root(self) -> str:
-        return storage.join(self.run_root, "sweep")
-
-    @property
-    def source(self) -> str:
-        return storage.join(self.root, "source")
-
-    @property
-    def split(self) -> str:
-        return storage.join(self.root, "split")
-
-    @property
-    def shared(self) -> str:
-        return storage.join(self.root, "shared")
-
-    @property
-    def trials(self) -> str:
-        return storage.join(self.root, "trials")
-
-    @property
-    def best(self) -> str:
-        return storage.join(self.root, "best")
 
 
 @dataclass
@@ -259,11 +229,11 @@ def generated_prefix(manifest: pa.Table, count: int, sizes: dict[int, int], spli
 # ------------------------------------------------------------------------------- shared stages
 
 
-def _run_stage(run_root: str, key: str, stage_hash: str, fn, built: list[str], echo) -> dict:
+def _run_stage(run_root: str, key: str, stage_hash: str, fn, built: list[str], echo, label: str | None = None) -> dict:
     """Run ``fn()`` unless ``key``'s marker under ``run_root`` holds ``stage_hash``; returns its outputs."""
-    rec, ran = run_stage(run_root, key, stage_hash, fn, echo=echo, tag="sweep")
+    rec, ran = run_stage(run_root, key, stage_hash, fn, echo=echo, tag="sweep", label=label)
     if ran:
-        built.append(key)
+        built.append(label or key)
     return rec.outputs
 
 
@@ -295,10 +265,10 @@ def prepare_shared(cfg: PipelineConfig, sweep: SweepConfig, echo=print) -> dict:
     h_split = config_hash("sweep-split", h_src, sweep.val_fraction, sweep.seed)
 
     def make_split() -> dict:
-        parts = carve_validation_split(storage.read_table(storage.join(layout.source, "prepare", "train.parquet")),
+        parts = carve_validation_split(storage.read_table(RunLayout(layout.source).split("train")),
                                        sweep.val_fraction, sweep.seed)
         for name, table in parts.items():
-            storage.write_table(storage.join(layout.split, f"{name}.parquet"), table)
+            storage.write_table(layout.split_file(name), table)
         return {"num_train_ids": len(np.unique(parts["train"]["pid"].to_numpy())),
                 "num_val_ids": len(np.unique(parts["query"]["pid"].to_numpy())),
                 **{f"num_{n}": t.num_rows for n, t in parts.items()}}
@@ -325,42 +295,31 @@ def prepare_shared(cfg: PipelineConfig, sweep: SweepConfig, echo=print) -> dict:
         _run_stage(root, "pretrain", h["pretrain"], lambda: pipeline.stage_pretrain(shared), built, echo)
     per_k: dict[int, dict] = {}
     if needs_clusters:
-        from .gan import load_checkpoint, train_gans
-        from .generate import find_checkpoints, generate_images
-
         _run_stage(root, "extract", h["extract"], lambda: pipeline.stage_extract(shared), built, echo)
         _run_stage(root, "cluster", h["cluster"], lambda: pipeline.stage_cluster(shared), built, echo)
-        g = cfg.generate
+        # per K a sub-run (shared/k{K}) of the pipeline's own GAN and generate stages, at the largest count
+        g = dataclasses.replace(cfg.generate, count=max_count)
         for k in sorted(set(sweep.ks)):
-            kdir = storage.join(root, "cluster", f"k{k}")
-            gan_dir, gen_dir = storage.join(root, f"k{k}", "gan"), storage.join(root, f"k{k}", "generate")
+            kcfg = dataclasses.replace(shared, run_root=layout.per_k(k).root, generate=g)
             h_gan = config_hash("gan", h["cluster"], k, shared.gan)
             h_gen = config_hash("generate", h_gan, max_count, g)
-
-            def do_gan(kdir=kdir, gan_dir=gan_dir, k=k) -> dict:
-                res = train_gans(storage.join(kdir, "assignments.parquet"), gan_dir, shared.gan)
-                return {"gan_dir": gan_dir, "clusters": {str(c): r.get("epochs") for c, r in res.items()}, "k": k}
-
-            def do_generate(gan_dir=gan_dir, gen_dir=gen_dir) -> dict:
-                manifest = generate_images(gan_dir, gen_dir, max_count, split=g.split, seed=g.seed,
-                                           image_size=(g.height, g.width))
-                sizes = {str(c): int(load_checkpoint(u)["num_images"]) for c, u in find_checkpoints(gan_dir).items()}
-                return {"manifest": manifest, "count": max_count, "sizes": sizes, "split": g.split}
-
-            _run_stage(root, f"k{k}/gan", h_gan, do_gan, built, echo)
-            gen = _run_stage(root, f"k{k}/generate", h_gen, do_generate, built, echo)
+            assignments = RunLayout(root).assignments(k)
+            _run_stage(kcfg.run_root, "gan", h_gan, lambda c=kcfg, a=assignments: pipeline.stage_gan(c, a),
+                       built, echo, label=per_k_stage(k, "gan"))
+            gen = _run_stage(kcfg.run_root, "generate", h_gen, lambda c=kcfg: pipeline.stage_generate(c),
+                             built, echo, label=per_k_stage(k, "generate"))
             per_k[k] = {
                 "manifest": gen["manifest"],
                 "sizes": {int(c): n for c, n in gen["sizes"].items()},
                 "split": gen["split"],
-                "membership": storage.join(kdir, "membership.json"),
+                "membership": RunLayout(root).membership(k),
             }
     pre = read_record(root, "pretrain")
     init = pre.outputs["checkpoint"] if (pre is not None and cfg.train_init == "pretrain") else None
     return {
-        "train_manifest": storage.join(layout.split, "train.parquet"),
-        "query_manifest": storage.join(layout.split, "query.parquet"),
-        "gallery_manifest": storage.join(layout.split, "gallery.parquet"),
+        "train_manifest": layout.split_file("train"),
+        "query_manifest": layout.split_file("query"),
+        "gallery_manifest": layout.split_file("gallery"),
         "trials_root": layout.trials,
         "init_checkpoint": init,
         "per_k": per_k,
@@ -378,7 +337,7 @@ def shared_seconds(run_root: str, ks: list[int]) -> float:
     layout = SweepLayout(run_root)
     keys = [(layout.source, "prepare"), (layout.split, "split")]
     keys += [(layout.shared, s) for s in ("prepare", "pretrain", "extract", "cluster")]
-    keys += [(layout.shared, f"k{k}/{s}") for k in ks for s in ("gan", "generate")]
+    keys += [(layout.per_k(k).root, s) for k in ks for s in ("gan", "generate")]
     total = 0.0
     for root, key in keys:
         rec = read_record(root, key)
@@ -692,7 +651,7 @@ def best_config(cfg: PipelineConfig, best: dict, sweep: SweepConfig) -> Pipeline
     layout = SweepLayout(cfg.run_root)
     raw = to_dict(cfg)
     raw["run_root"] = layout.best
-    raw["data"]["manifests"] = storage.join(layout.source, "prepare")  # the full train + the real test split
+    raw["data"]["manifests"] = RunLayout(layout.source).stage("prepare")  # the full train + the real test split
     raw["train"]["lam"] = best["lam"]
     if best["lr"] is not None:
         raw["train"]["lr"] = best["lr"]
@@ -736,10 +695,10 @@ def write_results(cfg: PipelineConfig, sweep: SweepConfig, rows: list[dict], tim
     md += [f"Shared stages {timings['shared_s']:.1f}s, trials {timings['trials_s']:.1f}s "
            f"({100 * timings['shared_fraction']:.0f}% shared)", ""]
     files = {
-        "csv": storage.join(layout.root, "results.csv"),
-        "markdown": storage.join(layout.root, "results.md"),
-        "json": storage.join(layout.root, "results.json"),
-        "heatmap": storage.join(layout.root, "heatmap.png"),
+        "csv": layout.results("results.csv"),
+        "markdown": layout.results("results.md"),
+        "json": layout.results("results.json"),
+        "heatmap": layout.results("heatmap.png"),
     }
     storage.write_text(files["csv"], _write_csv(rows))
     storage.write_text(files["markdown"], "\n".join(md))
@@ -748,7 +707,7 @@ def write_results(cfg: PipelineConfig, sweep: SweepConfig, rows: list[dict], tim
                                        "built": built, "sweep": to_dict(sweep)})
     storage.write_bytes(files["heatmap"], plot_heatmaps(cells, sweep))
     if best:
-        files["best"] = storage.join(layout.root, "best.yaml")
+        files["best"] = layout.results("best.yaml")
         storage.write_text(files["best"], _best_yaml(best_config(cfg, best, sweep), best))
     echo(table)
     if failed:
@@ -779,7 +738,7 @@ def run_sweep(cfg: PipelineConfig, sweep: SweepConfig, resume: bool = False, ech
     _check_resources(sweep, cfg.train)
     if sweep.search == "optuna":
         _param_space_and_search(sweep)  # a missing optuna fails before the shared stages
-    space_uri = storage.join(layout.root, "sweep.json")
+    space_uri = layout.results("sweep.json")
     space = {"search": sweep.search_space_dict(), "pipeline": config_hash(cfg.data, cfg.pretrain, cfg.extract,
                                                                           cfg.cluster, cfg.gan, cfg.generate, cfg.train,
                                                                           cfg.train_init)}

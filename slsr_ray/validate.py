@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from . import storage
 from .cluster import MEMBERSHIP_RULES
 from .config import ConfigError
+from .layout import RunLayout, split_file
 
 METRICS = ("euclidean", "cosine")
 ON_BAD_IMAGE = ("raise", "skip")
@@ -231,11 +232,11 @@ def check_config_inputs(cfg, clusters: bool = True) -> None:
     num_ids, source = None, None
     if d.manifests:
         for split in ("train", "query", "gallery"):
-            uri = storage.join(d.manifests, f"{split}.parquet")
+            uri = split_file(d.manifests, split)
             if not storage.exists(uri):
                 raise ConfigError("manifest missing", where=f"data.manifests={d.manifests}",
                                   expected=f"{uri} (train/query/gallery.parquet, written by `slsr data manifest`)")
-        num_ids = _count_ids(storage.join(d.manifests, "train.parquet"))
+        num_ids = _count_ids(split_file(d.manifests, "train"))
         source = f"training identities in {d.manifests}"
     elif d.dataset != "synthetic":
         if d.root is None:
@@ -284,7 +285,7 @@ def _ids_of_finished_prepare(cfg) -> tuple[int | None, str | None]:
         return None, None
     if not is_done(cfg.run_root, "prepare", stage_hashes(cfg)["prepare"]):
         return None, None
-    uri = storage.join(cfg.run_root, "prepare", "train.parquet")
+    uri = RunLayout(cfg.run_root).split("train")
     if not storage.exists(uri):
         return None, None
     return _count_ids(uri), f"training identities in {uri}"

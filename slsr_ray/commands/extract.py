@@ -7,7 +7,7 @@ import json
 
 import typer
 
-from .. import storage
+from .. import layout, storage
 from ..errors import check_option
 from ..raysetup import init_ray
 
@@ -97,7 +97,7 @@ def cluster(
 
 
 def _is_cluster_entry(name: str) -> bool:
-    return name in ("summary.json", "silhouette.json") or (name[:1] == "k" and name[1:].isdigit())
+    return name in (layout.CLUSTER_SUMMARY, layout.SILHOUETTE) or (name[:1] == "k" and name[1:].isdigit())
 
 
 def register(app) -> None:
