@@ -90,7 +90,9 @@ def synthetic_dataset(synthetic_root):
     return load_dataset("market1501", synthetic_root)
 
 
-# The smallest pipeline that still exercises every stage (a few seconds of training per stage).
+# The smallest pipeline that still exercises every stage (a few seconds of training per stage). One
+# Ray Train worker: DDP over two workers is tested in test_train.py, and a second worker on this 2-core
+# machine only adds start-up time to every other pipeline test.
 TINY_OVERRIDES = [
     "data.synthetic.num_ids=16",
     "data.synthetic.cams=3",
@@ -102,6 +104,8 @@ TINY_OVERRIDES = [
     "pretrain.width=32",
     "pretrain.batch_size=16",
     "train.epochs=1",
+    "pretrain.num_workers=1",
+    "train.num_workers=1",
     "train.height=64",
     "train.width=32",
     "train.batch_size=16",
@@ -123,3 +127,19 @@ TINY_OVERRIDES = [
 @pytest.fixture(scope="session")
 def tiny_overrides():
     return list(TINY_OVERRIDES)
+
+
+# The config of the shared finished run (tiny_run_root): SLSR at K=2 and the real-only baseline.
+TINY_RUN = [*TINY_OVERRIDES, "cluster.k=2", "baselines=[none]"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run_root(ray_session, tmp_path_factory):
+    """One finished tiny pipeline run (every stage and the report) that tests only *read*: the report,
+    the determinism check, the S3-vs-local comparison. Returns ``(config, summary, printed lines)``."""
+    from slsr_ray.pipeline import load_config, run_pipeline
+
+    cfg = load_config("synthetic", TINY_RUN, run_root=str(tmp_path_factory.mktemp("tiny-run")))
+    lines: list[str] = []
+    summary = run_pipeline(cfg, echo=lines.append)
+    return cfg, summary, lines

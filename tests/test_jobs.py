@@ -63,13 +63,15 @@ def test_job_resumes_without_redoing_finished_stages(job_run):
     assert "| slsr |" in logs  # the metrics table is printed
 
 
-def test_s3_run_root_matches_local(job_run, s3_bucket, ray_session, tiny_overrides):
+def test_s3_run_root_matches_local(tiny_run_root, s3_bucket):
     """The same config on an s3:// run root (moto) produces the same artifacts as the local run."""
+    from conftest import TINY_RUN
+
     from slsr_ray.pipeline import load_config, run_pipeline
 
-    local_root = job_run[0]
+    local_root = tiny_run_root[0].run_root
     s3_root = f"{s3_bucket}/runs/tiny"
-    cfg = load_config("synthetic", [*tiny_overrides, "baselines=[none]"], run_root=s3_root)
+    cfg = load_config("synthetic", TINY_RUN, run_root=s3_root)
     run_pipeline(cfg, echo=lambda *_: None)
 
     def files(root: str, sub: str) -> set[str]:
@@ -95,3 +97,6 @@ def test_s3_run_root_matches_local(job_run, s3_bucket, ray_session, tiny_overrid
     for strategy in ("slsr", "none"):
         m = storage.read_json(storage.join(s3_root, "evaluate", strategy, "plain.json"))
         assert 0 <= m["mAP"] <= 1 and np.isfinite(m["rank1"]) and m["num_valid_queries"] > 0
+        # same config, same seed: the same numbers wherever the run root is
+        local = storage.read_json(storage.join(local_root, "evaluate", strategy, "plain.json"))
+        assert {k: m[k] for k in ("rank1", "mAP", "mINP")} == pytest.approx({k: local[k] for k in ("rank1", "mAP", "mINP")})

@@ -114,15 +114,16 @@ def test_forced_rerun_of_same_config_trains_again(ray_session, tiny_overrides, t
 
 
 @pytest.mark.slow
-def test_same_seed_same_numbers(ray_session, tiny_overrides, tmp_path):
-    """Two runs of the same config and seed give identical clusters, generated images and metrics
-    (CPU); the sweep's validation scorer ranks with the pipeline's own distance."""
+def test_same_seed_same_numbers(tiny_run_root, tmp_path):
+    """Two runs of the same config and seed (the session's tiny run and a new one) give identical
+    clusters, generated images and metrics (CPU); the sweep's validation scorer ranks with the
+    pipeline's own distance."""
+    from conftest import TINY_RUN
+
     from slsr_ray.train import evaluate_checkpoint
 
-    roots = [str(tmp_path / "a"), str(tmp_path / "b")]
-    for root in roots:
-        cfg = load_config("synthetic", [*tiny_overrides, "cluster.k=2", "baselines=[none]"], run_root=root)
-        run_pipeline(cfg, echo=lambda *_: None)
+    roots = [tiny_run_root[0].run_root, str(tmp_path / "b")]
+    run_pipeline(load_config("synthetic", TINY_RUN, run_root=roots[1]), echo=lambda *_: None)
 
     def read(root: str, rel: str):
         return storage.read_json(os.path.join(root, rel))

@@ -24,16 +24,9 @@ ALL_FIGURES = {"dataset_samples", "feature_pca", "silhouette", "gan_vs_real", "l
 
 
 @pytest.fixture(scope="module")
-def tiny_run(ray_session, tiny_overrides, tmp_path_factory):
-    """(config, summary, printed lines) of one tiny pipeline run with the report written at its end."""
-    from slsr_ray.pipeline import load_config, run_pipeline
-
-    run_root = str(tmp_path_factory.mktemp("report-run"))
-    cfg = load_config("synthetic", [*tiny_overrides, "baselines=[none]", "train.num_workers=1",
-                                    "pretrain.num_workers=1"], run_root=run_root)
-    lines: list[str] = []
-    summary = run_pipeline(cfg, echo=lines.append)
-    return cfg, summary, lines
+def tiny_run(tiny_run_root):
+    """(config, summary, printed lines) of the session's tiny pipeline run, the report written at its end."""
+    return tiny_run_root
 
 
 def _image(path: Path) -> np.ndarray:
