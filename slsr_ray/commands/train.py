@@ -36,7 +36,7 @@ def train(
     erasing_p: float = typer.Option(0.5, help="random erasing probability"),
     gpu: bool | None = typer.Option(None, "--gpu/--cpu", help="default: GPUs when the Ray cluster has them"),
     loader_workers: int = typer.Option(2, help="DataLoader processes per Ray Train worker"),
-    max_failures: int = typer.Option(1, help="worker-group restarts from the last checkpoint"),
+    max_failures: int = typer.Option(0, help="worker-group restarts from the last checkpoint"),
     seed: int = typer.Option(0),
     evaluate: bool = typer.Option(True, help="report rank-1/mAP on query/gallery after training"),
     feature: str = typer.Option("pool", help="retrieval feature for evaluation: pool or bottleneck"),
