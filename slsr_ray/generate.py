@@ -155,8 +155,6 @@ def generate_images(
     ckpts = find_checkpoints(gan_dir)
     meta = {c: _checkpoint_meta(u) for c, u in ckpts.items()}
     counts = split_count(int(count), {c: m["num_images"] for c, m in meta.items()}, split)
-
-    # Guard resumption: images already in out_dir must come from the same checkpoints and settings.
     identity = {
         "seed": int(seed),
         "batch_size": int(batch_size),
@@ -166,6 +164,17 @@ def generate_images(
             str(c): {"uri": u, "sha256": meta[c]["sha256"], "epoch": meta[c]["epoch"]} for c, u in ckpts.items()
         },
     }
+    _claim_output(out_dir, identity, counts)
+    jobs = {c: (ckpts[c], c, n, out_dir, int(seed), (h, w), int(batch_size), int(quality)) for c, n in counts.items() if n}
+    paths = _run_jobs(jobs, ray.is_initialized() if use_ray is None else use_ray,
+                      tqdm(total=len(jobs), desc=f"generating {count} images", unit="cluster", disable=not progress))
+    manifest = layout.generated_manifest(out_dir)
+    storage.write_table(manifest, _manifest_table(paths, ckpts))
+    return manifest
+
+
+def _claim_output(out_dir: str, identity: dict, counts: dict[int, int]) -> None:
+    """Guard resumption: images already in ``out_dir`` must come from the same checkpoints and settings."""
     gen_json = storage.join(out_dir, layout.GENERATION_INFO)
     if storage.exists(gen_json):
         previous = storage.read_json(gen_json)
@@ -177,10 +186,9 @@ def generate_images(
             )
     storage.write_json(gen_json, {**identity, "counts": {str(c): n for c, n in counts.items()}})
 
-    jobs = {c: (ckpts[c], c, n, out_dir, int(seed), (h, w), int(batch_size), int(quality)) for c, n in counts.items() if n}
-    if use_ray is None:
-        use_ray = ray.is_initialized()
-    bar = tqdm(total=len(jobs), desc=f"generating {count} images", unit="cluster", disable=not progress)
+
+def _run_jobs(jobs: dict[int, tuple], use_ray: bool, bar) -> dict[int, list[str]]:
+    """Each cluster's images: parallel Ray tasks (a GPU each where the cluster has them), or in-process."""
     paths: dict[int, list[str]] = {}
     if use_ray:
         from . import gpu
@@ -200,14 +208,18 @@ def generate_images(
             paths[c] = _generate_cluster(*args)
             bar.update()
     bar.close()
+    return paths
 
+
+def _manifest_table(paths: dict[int, list[str]], ckpts: dict[int, str]) -> pa.Table:
+    """The generated-images manifest: pid/camid -1, source "generated", the cluster and its generator."""
     rows_path, rows_cluster, rows_gen = [], [], []
     for c in sorted(paths):
         rows_path += paths[c]
         rows_cluster += [c] * len(paths[c])
         rows_gen += [ckpts[c]] * len(paths[c])
     n = len(rows_path)
-    table = pa.table(
+    return pa.table(
         {
             "path": pa.array(rows_path, pa.string()),
             "pid": pa.array(np.full(n, -1, np.int64)),
@@ -218,6 +230,3 @@ def generate_images(
         },
         schema=GENERATED_SCHEMA,
     )
-    manifest = layout.generated_manifest(out_dir)
-    storage.write_table(manifest, table)
-    return manifest
