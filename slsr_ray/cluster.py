@@ -338,6 +338,7 @@ def run_clustering(
     described in the module docstring under ``output_dir`` (local or s3://) and returns
     ``{"silhouette": {K: s}, "best_k": K, "rows": [...]}``. ``silhouette.json`` is written last, so its
     presence marks a complete artifact."""
+    # Long because one pass over the chosen Ks writing each K's artifacts in order (the marker last); the kernels live in kmeans.py.
     if rule not in MEMBERSHIP_RULES:
         raise ClusteringError(f"unknown membership rule {rule!r}; choose one of {MEMBERSHIP_RULES}")
     meta, shards = load_feature_shards(features_dir, num_shards)

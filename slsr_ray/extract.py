@@ -280,6 +280,7 @@ def extract_features(manifest: str | pa.Table, checkpoint, output_dir: str, cfg:
     ``checkpoint``: a checkpoint URI (local or s3://, written by ``models.save_checkpoint``) or a
     ``ModelConfig`` (random initialisation, for tests and demos). See the module docstring.
     """
+    # Long because the Ray Data pipeline reads top to bottom: inputs, actor pool sizing, map_batches, write, meta.
     import ray
 
     from .models import ModelConfig, build_model

@@ -300,6 +300,7 @@ def train_gans(
     the checkpoints under ``gan_dir``. When some clusters fail (divergence, bad data), the others still
     finish and a :class:`GanError` lists the failures afterwards.
     """
+    # Long because actor start, the wait loop with restarts and failures, and the summary share the per-cluster state.
     from tqdm.auto import tqdm
 
     cfg = cfg or GanConfig()

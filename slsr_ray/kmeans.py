@@ -355,6 +355,7 @@ def kmeans(
     starting centroids (then a single run, no k-means++). ``mode``: where the steps run (module
     docstring): ``"auto"``, ``"local"`` (one task) or ``"tasks"`` (a task per shard and iteration).
     """
+    # Long because Lloyd iterations with restarts and empty-cluster reseeding over shards, one loop.
     import ray
 
     if not isinstance(k, int | np.integer) or k < 1:

@@ -42,6 +42,7 @@ def train(
     feature: str = typer.Option("pool", help="retrieval feature for evaluation: pool or bottleneck"),
 ) -> None:
     """Train the re-id model with Ray Train and print per-epoch metrics and the evaluation."""
+    # Long because most of it is the typer option list, one line per TrainConfig field.
     from ..data import load_dataset
     from ..errors import as_config_error
     from ..models import ModelConfig

@@ -209,6 +209,7 @@ def _check_params(root, num_ids, cams, images_per_id, seed, size, num_distractor
 
 def _write(root: str, num_ids, cams, images_per_id, seed, size, num_distractors, num_junk,
            gt_bbox: bool, gt_bbox_per_query: int) -> dict:
+    # Long because the dataset's folder layout written in one place (train, query, gallery, gt_bbox, junk, distractors).
     h, w = size
     rng = np.random.default_rng(seed)
     cameras = [_camera(rng) for _ in range(cams)]

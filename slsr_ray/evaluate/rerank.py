@@ -189,6 +189,7 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_v
     output plus O(chunk) scratch -- no (q+g)^2 matrices; ties between equal distances may order differently
     from the reference's unstable argsort.
     """
+    # Long because the published k-reciprocal algorithm, kept step for step comparable with the reference code.
     _check_params(k1, k2, lambda_value)
     q_g = check_distmat(q_g_dist, "q_g_dist")
     q_q = check_distmat(q_q_dist, "q_q_dist")

@@ -123,6 +123,7 @@ def ranked_gallery(run_root: str, strategy: str | None = None, query_index: int 
     gallery over ``max_gallery`` images (re-ranking costs gallery^2), its ``max_gallery`` images nearest to
     those queries. Without ``query_index`` the shown query is the one whose top-``topk`` gains the most
     correct matches. The evaluation's own numbers are in ``evaluate/<strategy>/rerank.json``."""
+    # Long because distances, the query's ranked row and the montage are one figure's steps and share every array.
     from ..evaluate import compute_distance_matrix, re_ranking_features
     from ..extract import load_features
 

@@ -86,12 +86,6 @@ def run_training(
     (needed by ``slsr``). ``init_checkpoint`` starts from a :func:`save_checkpoint` file, e.g. the CE
     pretraining result. Ray is initialised if needed. Raises :class:`TrainingDivergedError` on a
     NaN/inf loss (the last good Ray checkpoint stays under ``output_dir``)."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from .. import gpu
-
     t0 = time.perf_counter()
     output_dir = storage.absolute(output_dir)
     storage.check_writable(output_dir)
@@ -116,15 +110,46 @@ def run_training(
         "status_uri": status_uri,
         "fault": os.environ.get(FAULT_ENV),
     }
+    trainer = _trainer(cfg, loop_config, output_dir, use_gpu, cpus_per_worker,
+                       f"{cfg.run_name}-{resume_key(cfg, rows, init_checkpoint)}")
+    result = trainer.fit()
+    ray_ckpt = result.checkpoint
+    ray_ckpt_path = (f"s3://{ray_ckpt.path}" if storage.is_s3(output_dir) else ray_ckpt.path) if ray_ckpt else None
+    if storage.exists(status_uri):
+        status = storage.read_json(status_uri)
+        raise TrainingDivergedError(
+            f"{status['message']}; training stopped. Last good checkpoint: {ray_ckpt_path or 'none (no epoch finished)'}"
+            f" (epoch {status['last_good_epoch']}). Lower the learning rate or check the input data."
+        )
+    if ray_ckpt is None:
+        raise RuntimeError(f"training under {output_dir} finished without a checkpoint")
+    with ray_ckpt.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    model_uri = _save_model(cfg, model_cfg, rows, state, output_dir)
+    wall = time.perf_counter() - t0
+    storage.write_json(
+        storage.join(output_dir, layout.METRICS_FILE),
+        {"config": asdict(cfg), "history": state["history"], "wall_s": wall, "checkpoint": model_uri},
+    )
+    return TrainResult(model_uri, state["history"], wall, ray_ckpt_path, resumes=int(state["resumes"]))
+
+
+def _trainer(cfg: TrainConfig, loop_config: dict, output_dir: str, use_gpu: bool, cpus_per_worker: float,
+             run_name: str):
+    """The ``TorchTrainer``: storage named by the config's hash under ``output_dir`` (on S3 through a
+    filesystem without credentials, so each worker uses its own node's), retries and checkpoints kept."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .. import gpu
+
     if storage.is_s3(output_dir):
-        # a filesystem that carries no credentials: each worker uses its own node's
         storage_fs, storage_path = storage.portable_filesystem(output_dir)
     else:
         storage_path, storage_fs = os.path.abspath(output_dir), None
     resources = {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
-    run_name = f"{cfg.run_name}-{resume_key(cfg, rows, init_checkpoint)}"
     log.info("Ray Train run %s under %s (resumes only a run with this exact config)", run_name, output_dir)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         _train_loop_per_worker,
         train_loop_config=loop_config,
         # NCCL, or gloo where a GPU node has no CUDA (its workers then train on CPU tensors)
@@ -140,35 +165,20 @@ def run_training(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep),
         ),
     )
-    result = trainer.fit()
-    ray_ckpt = result.checkpoint
-    ray_ckpt_path = (f"s3://{ray_ckpt.path}" if storage.is_s3(output_dir) else ray_ckpt.path) if ray_ckpt else None
-    if storage.exists(status_uri):
-        status = storage.read_json(status_uri)
-        raise TrainingDivergedError(
-            f"{status['message']}; training stopped. Last good checkpoint: {ray_ckpt_path or 'none (no epoch finished)'}"
-            f" (epoch {status['last_good_epoch']}). Lower the learning rate or check the input data."
-        )
-    if ray_ckpt is None:
-        raise RuntimeError(f"training under {output_dir} finished without a checkpoint")
-    with ray_ckpt.as_directory() as d:
-        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def _save_model(cfg: TrainConfig, model_cfg: ModelConfig, rows: dict, state: dict, output_dir: str) -> str:
+    """``output_dir/model.pt`` from the last Ray checkpoint's state (weights and the run's facts)."""
     model = build_model(model_cfg, announce=False)
     model.load_state_dict(state["model"])
-    history = state["history"]
-    model_uri = storage.join(output_dir, MODEL_FILE)
     extra = {
         "strategy": cfg.strategy,
         "epochs": cfg.epochs,
         "num_ids": rows["num_ids"],
         "height": cfg.height,
         "width": cfg.width,
-        "history": history,
+        "history": state["history"],
     }
+    model_uri = storage.join(output_dir, MODEL_FILE)
     save_checkpoint(model_uri, model, model_cfg, extra)
-    wall = time.perf_counter() - t0
-    storage.write_json(
-        storage.join(output_dir, layout.METRICS_FILE),
-        {"config": asdict(cfg), "history": history, "wall_s": wall, "checkpoint": model_uri},
-    )
-    return TrainResult(model_uri, history, wall, ray_ckpt_path, resumes=int(state["resumes"]))
+    return model_uri

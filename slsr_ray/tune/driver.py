@@ -22,6 +22,7 @@ def run_sweep(cfg: PipelineConfig, sweep: SweepConfig, resume: bool = False, ech
     """Run (or with ``resume`` continue) a sweep: shared stages once, then one Tune trial per point,
     then the results table, plot and best config; with ``sweep.retrain_best`` the best values are
     retrained on the full training set and evaluated on the test split under ``sweep/best``."""
+    # Long because the sweep's phases in order (checks, shared stages, Tuner fit or restore, results, best retrain).
     import ray
 
     from ..train import TrainConfig

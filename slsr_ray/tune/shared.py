@@ -44,6 +44,7 @@ def prepare_shared(cfg: PipelineConfig, sweep: SweepConfig, echo=print) -> dict:
     """Everything trials reuse, built once on the driver (skipped where markers match): the source
     manifests, the validation split, pretraining, features, k-means for every K, and per K one GAN
     set plus the images of the largest generated count. Returns the trials' context."""
+    # Long because the shared stages in dependency order, each a pipeline stage call with its hash.
     from .. import pipeline
 
     layout = SweepLayout(cfg.run_root)
