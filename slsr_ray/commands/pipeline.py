@@ -5,11 +5,19 @@ Errors reach the user through the CLI's one error path (:mod:`slsr_ray.cli`): on
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from .. import storage
 
 SET_HELP = "override a config field, e.g. --set train.epochs=5 --set cluster.k=3 (repeatable)"
+# the options `slsr run` and `slsr check` share (check = run --dry-run)
+ConfigOption = Annotated[str, typer.Option("--config", "-c", help="preset name or YAML path/URI")]
+RunRootOption = Annotated[str | None, typer.Option("--run-root", "-o", help="local folder or s3://bucket/prefix")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help=SET_HELP)]
+FromOption = Annotated[str | None, typer.Option("--from", help="rerun this stage and everything after it")]
+UntilOption = Annotated[str | None, typer.Option("--until", help="stop after this stage")]
 
 
 def stage_plan(cfg, from_stage: str | None = None, until: str | None = None) -> list[dict]:
@@ -62,11 +70,11 @@ def _echo_plan(cfg, from_stage: str | None, until: str | None) -> None:
 
 
 def run(
-    config: str = typer.Option("synthetic", "--config", "-c", help="preset name or YAML path/URI"),
-    run_root: str = typer.Option(None, "--run-root", "-o", help="local folder or s3://bucket/prefix"),
-    overrides: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
-    from_stage: str = typer.Option(None, "--from", help="rerun this stage and everything after it"),
-    until: str = typer.Option(None, "--until", help="stop after this stage"),
+    config: ConfigOption = "synthetic",
+    run_root: RunRootOption = None,
+    overrides: SetOption = None,
+    from_stage: FromOption = None,
+    until: UntilOption = None,
     address: str = typer.Option(None, "--address", help="Ray address (default: start a local Ray or use RAY_ADDRESS)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="check everything, print what would run, and exit"),
 ) -> None:
@@ -84,11 +92,11 @@ def run(
 
 
 def check(
-    config: str = typer.Option("synthetic", "--config", "-c", help="preset name or YAML path/URI"),
-    run_root: str = typer.Option(None, "--run-root", "-o", help="local folder or s3://bucket/prefix"),
-    overrides: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
-    from_stage: str = typer.Option(None, "--from", help="rerun this stage and everything after it"),
-    until: str = typer.Option(None, "--until", help="stop after this stage"),
+    config: ConfigOption = "synthetic",
+    run_root: RunRootOption = None,
+    overrides: SetOption = None,
+    from_stage: FromOption = None,
+    until: UntilOption = None,
 ) -> None:
     """Check a run's config and inputs and print which stages would run (= ``slsr run --dry-run``)."""
     _echo_plan(_checked_config(config, run_root, overrides, from_stage, until), from_stage, until)
