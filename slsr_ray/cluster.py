@@ -56,27 +56,9 @@ MEMBERSHIP_RULES = ("majority", "any", "min_share")
 # --------------------------------------------------------------------------------------------------
 
 
-def feature_matrix(table: pa.Table, column: str = "feature") -> np.ndarray:
-    """The fixed-size-list (or list) float column ``column`` of ``table`` as a float32 [n, d] array."""
-    if column not in table.column_names:
-        raise ClusteringError(f"table has no {column!r} column; has {table.column_names}")
-    arr = table[column].combine_chunks()
-    if len(arr) == 0:
-        return np.zeros((0, 0), np.float32)
-    if arr.null_count:
-        raise ClusteringError(f"{arr.null_count} rows have a null {column!r}")
-    if pa.types.is_fixed_size_list(arr.type):
-        d = arr.type.list_size
-    else:
-        lengths = np.unique(arr.value_lengths().to_numpy())
-        if len(lengths) != 1:
-            raise ClusteringError(f"{column!r} rows have different lengths {lengths[:5].tolist()}")
-        d = int(lengths[0])
-    return np.ascontiguousarray(arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), d), np.float32)
-
-
 def _read_feature_files(uris: list[str]) -> np.ndarray:
     """Concatenate the ``feature`` column of some parquet shards into one float32 [n, d] array."""
+    from .extract import feature_matrix  # the extract stage owns its feature column's codec
     parts = [feature_matrix(storage.read_table(u, columns=["feature"])) for u in uris]
     return np.ascontiguousarray(np.concatenate(parts)) if parts else np.zeros((0, 0), np.float32)
 

@@ -38,11 +38,35 @@ import pyarrow as pa
 
 from . import storage
 from .errors import SlsrError
+from .feature_shards import ClusteringError
 from .raysetup import init_ray
 from .staging import staged_folder
 from .validate import check_model_checkpoint
 
 log = logging.getLogger(__name__)
+
+
+class FeatureColumnError(ClusteringError):
+    """A ``feature`` column that is not one fixed-length float vector per row."""
+
+
+def feature_matrix(table: pa.Table, column: str = "feature") -> np.ndarray:
+    """The fixed-size-list (or list) float column ``column`` of ``table`` as a float32 [n, d] array."""
+    if column not in table.column_names:
+        raise FeatureColumnError(f"table has no {column!r} column; has {table.column_names}")
+    arr = table[column].combine_chunks()
+    if len(arr) == 0:
+        return np.zeros((0, 0), np.float32)
+    if arr.null_count:
+        raise FeatureColumnError(f"{arr.null_count} rows have a null {column!r}")
+    if pa.types.is_fixed_size_list(arr.type):
+        d = arr.type.list_size
+    else:
+        lengths = np.unique(arr.value_lengths().to_numpy())
+        if len(lengths) != 1:
+            raise FeatureColumnError(f"{column!r} rows have different lengths {lengths[:5].tolist()}")
+        d = int(lengths[0])
+    return np.ascontiguousarray(arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), d), np.float32)
 
 DECODE_MODES = ("auto", "tasks", "actor")
 SUCCESS_MARKER = "_SUCCESS"
@@ -373,7 +397,6 @@ def is_complete(output_dir: str) -> bool:
 def load_features(output_dir: str) -> tuple[pa.Table, np.ndarray]:
     """Read a finished extraction: (table of every column but ``feature``, in manifest order;
     float32 [N, D] features, row-aligned with the table)."""
-    from .cluster import feature_matrix
 
     output_dir = str(output_dir)
     if not is_complete(output_dir):

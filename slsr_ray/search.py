@@ -57,7 +57,7 @@ class Gallery:
 
 def load_gallery(uri: str) -> Gallery:
     """Read a gallery written by ``slsr embed``; SearchError naming the file when it is not one."""
-    from .cluster import ClusteringError, feature_matrix
+    from .extract import FeatureColumnError, feature_matrix
 
     uri = storage.absolute(str(uri))
     if not storage.exists(uri):
@@ -73,7 +73,7 @@ def load_gallery(uri: str) -> Gallery:
         raise SearchError(f"gallery {uri} is empty (0 images)")
     try:
         features = feature_matrix(table)
-    except ClusteringError as e:
+    except FeatureColumnError as e:
         raise SearchError(f"gallery {uri}: {e}") from e
     if not np.isfinite(features).all():
         raise SearchError(f"gallery {uri} holds non-finite features")
