@@ -220,13 +220,23 @@ def sensitivity_figure(rows: list[dict]) -> bytes | None:
         for m, color in (("rank1", "#c0392b"), ("mAP", "#2c6fb0")):
             ax.errorbar(xs, [r["metrics"][m]["mean"] for r in pts], yerr=[r["metrics"][m]["std"] or 0 for r in pts],
                         marker="o", capsize=3, color=color, label=SHOWN[m])
-            if none is not None:
-                ax.axhline(none["metrics"][m]["mean"], ls="--", color=color, lw=1, alpha=0.7)
+            base = _baseline_on(none, {s for r in pts for s in r["seeds"]}, m)
+            if base is not None:  # the real-only model at the curve's own seeds, not every seed's mean
+                ax.axhline(base, ls="--", color=color, lw=1, alpha=0.7)
         ax.set_xlabel(CURVES[g].split(" (")[0].split(",")[0])
         ax.set_ylabel("%")
-        ax.set_title(f"{pts[0]['strategy']} vs {g} (dashed: none)" if pts else g, fontsize=9)
+        varied = next((r["strategy"] for r in pts if r["strategy"] != "none"), pts[0]["strategy"] if pts else "")
+        ax.set_title(f"{varied} vs {g} (dashed: none, same seeds)", fontsize=9)
         ax.legend(fontsize=8)
     return _png(fig)
+
+
+def _baseline_on(none: dict | None, seeds: set[int], metric: str) -> float | None:
+    """Mean of the real-only row's per-seed values at ``seeds`` (None when it has none of them)."""
+    if none is None:
+        return None
+    values = [v for s, v in zip(none["seeds"], none["metrics"][metric]["values"], strict=True) if s in seeds]
+    return sum(values) / len(values) if values else None
 
 
 # ------------------------------------------------------------------------------------------- writing

@@ -173,3 +173,13 @@ def test_cli_collect_only_rewrites_the_tables(finished, tiny_overrides):
     assert "## Label strategies" in Path(root, "experiment", "results.md").read_text()
     bad = CliRunner().invoke(app, ["experiment", "-o", root, "--variant", "bot", "--collect-only"])
     assert bad.exit_code == 2 and "expected NAME[@strategy,...]" in bad.output
+
+
+def test_sensitivity_baseline_uses_the_curve_seeds():
+    """A curve run at seed 0 is compared with the real-only model at seed 0, not the mean of every seed."""
+    from slsr_ray.experiment_results import _baseline_on
+
+    none = {"seeds": [0, 1, 2], "metrics": {"mAP": {"values": [26.0, 22.0, 25.0]}}}
+    assert _baseline_on(none, {0}, "mAP") == 26.0
+    assert _baseline_on(none, {0, 2}, "mAP") == pytest.approx(25.5)
+    assert _baseline_on(none, {5}, "mAP") is None and _baseline_on(None, {0}, "mAP") is None
