@@ -255,7 +255,6 @@ class SweepLayout:
     def best(self) -> str:
         return storage.join(self.root, "best")
 
-
     def split_file(self, split: str) -> str:
         return split_file(self.split, split)
 

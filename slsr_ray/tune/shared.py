@@ -94,7 +94,7 @@ def prepare_shared(cfg: PipelineConfig, sweep: SweepConfig, echo=print) -> dict:
         for k in sorted(set(sweep.ks)):
             kcfg = dataclasses.replace(shared, run_root=layout.per_k(k).root, generate=g)
             h_gan = config_hash("gan", h["cluster"], k, shared.gan)
-            h_gen = config_hash("generate", h_gan, max_count, g)
+            h_gen = config_hash("generate", h_gan, max_count, cfg.generate)  # as before the split: old sweeps resume
             assignments = RunLayout(root).assignments(k)
             _run_stage(kcfg.run_root, "gan", h_gan, lambda c=kcfg, a=assignments: pipeline.stage_gan(c, a),
                        built, echo, label=per_k_stage(k, "gan"))
