@@ -161,6 +161,11 @@ def step_pipeline(size: dict, tmp: str) -> dict:
     return {"rank1": metrics["rank1"], "mAP": metrics["mAP"]}
 
 
+def _write(path: str, report: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=sorted(SIZES), default="gpu")
@@ -213,10 +218,10 @@ def main(argv: list[str] | None = None) -> int:
                 row["gpu_vs_cpu"] = row["images_per_s"] / row["cpu_images_per_s"]
             report["steps"][name] = row
             print(f"[gpu-smoke] {name}: {row['status']} in {row['seconds']:.1f}s", flush=True)
+            _write(args.output, report)  # after every step: a run cut short still leaves its numbers
     report["total_s"] = time.perf_counter() - t_all
     ray.shutdown()
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    _write(args.output, report)
     print(f"wrote {args.output} ({report['total_s']:.0f} s)")
     failed = [n for n, r in report["steps"].items() if r["status"] == "failed"]
     if failed:

@@ -117,7 +117,9 @@ def device_for(assigned: bool, what: str):
     if not assigned:
         return torch.device("cpu")
     if torch.cuda.is_available():
-        return torch.device("cuda")  # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it assigned
+        # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it assigned; an indexed device because some torch
+        # calls (torch.cuda.set_device, in Ray Train's prepare_model) refuse a bare "cuda"
+        return torch.device("cuda", torch.cuda.current_device())
     warn_no_cuda(what)
     return torch.device("cpu")
 

@@ -52,6 +52,16 @@ def test_a_gpu_process_without_cuda_runs_on_cpu_and_says_so_once(caplog):
     assert len(lines) == 1 and lines[0].startswith(gpu.CPU_FALLBACK_TAG) and "test worker" in lines[0]
 
 
+def test_a_gpu_process_with_cuda_gets_an_indexed_device(monkeypatch):
+    # torch.cuda.set_device (Ray Train's prepare_model) refuses a bare "cuda": the GPU smoke run on an
+    # H100 failed on that, so the device must carry its index
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    device = gpu.device_for(True, "gpu worker")
+    assert device == torch.device("cuda", 0) and device.index == 0
+    assert gpu.device_for(False, "cpu worker") == torch.device("cpu")
+
+
 @pytest.fixture
 def two_one_gpu_nodes(monkeypatch):
     """What the stages see of a cluster: two nodes with one GPU and one CPU each (4 CPUs in all)."""

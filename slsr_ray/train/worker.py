@@ -108,7 +108,10 @@ def _setup(config: dict) -> _Worker:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # a worker Ray gave a GPU on a node without CUDA trains on CPU tensors (and says so once)
-    device = device_for(ray.train.torch.get_device().type == "cuda", f"Ray Train worker {rank}")
+    ray_device = ray.train.torch.get_device()
+    device = device_for(ray_device.type == "cuda", f"Ray Train worker {rank}")
+    if device.type == "cuda":  # Ray Train's own choice: several ranks on one node share CUDA_VISIBLE_DEVICES
+        device = ray_device
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     strategy = make_strategy(
         cfg.strategy, rows["num_ids"], membership=rows["membership"] or None, epsilon=cfg.epsilon, lam=cfg.lam
