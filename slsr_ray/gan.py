@@ -290,6 +290,61 @@ def _error_line(e: Exception) -> str:
     return str(getattr(e, "cause", None) or e).strip().splitlines()[-1]
 
 
+# How long a cluster's training call is re-sent while its actor is unreachable: a lost node is declared
+# dead after a few missed health checks, then Ray restarts the actor elsewhere; Ray's own task retries
+# are spent within a second on connection errors before that (seen on a 3-node cluster).
+UNAVAILABLE_GRACE_S = 180.0
+RESEND_EVERY_S = 3.0
+
+
+def _await_trainings(actors: dict, clusters: list[int], cfg: GanConfig, results: dict, failures: dict,
+                     restart, show_progress) -> None:
+    """Run ``train`` on each cluster's actor and wait for all of them, filling ``results`` / ``failures``.
+
+    A call that fails because its actor is unreachable (its node died) is sent again every few seconds
+    for up to ``UNAVAILABLE_GRACE_S``; an actor that died for good (restarts used up) is replaced by a
+    new one (``restart``) up to ``cfg.max_restarts`` times. Both resume from the last epoch checkpoint."""
+    import time
+
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    refs = {actors[c].train.remote(cfg.epochs): c for c in clusters}
+    unreachable_since: dict[int, float] = {}
+    resend_at: dict[int, float] = {}
+    replaced = dict.fromkeys(clusters, 0)
+    while refs or resend_at:
+        now = time.monotonic()
+        for c in [c for c, t in resend_at.items() if t <= now]:
+            del resend_at[c]
+            refs[actors[c].train.remote(cfg.epochs)] = c
+        done, _ = ray.wait(list(refs), num_returns=1, timeout=2.0) if refs else ([], None)
+        if not refs:
+            time.sleep(0.5)
+        for ref in done:
+            c = refs.pop(ref)
+            try:
+                results[c] = ray.get(ref)
+                unreachable_since.pop(c, None)
+            except ActorUnavailableError as e:
+                first = unreachable_since.setdefault(c, time.monotonic())
+                if time.monotonic() - first > UNAVAILABLE_GRACE_S:
+                    failures[c] = f"actor unreachable for {UNAVAILABLE_GRACE_S:.0f} s: {_error_line(e)}"
+                else:
+                    resend_at[c] = time.monotonic() + RESEND_EVERY_S
+            except ActorDiedError as e:
+                if replaced[c] < max(cfg.max_restarts, 0):
+                    replaced[c] += 1
+                    log.warning("GAN actor of cluster %d died (%s); starting a new one from its last checkpoint "
+                                "(%d of %d)", c, _error_line(e), replaced[c], cfg.max_restarts)
+                    restart(c)
+                    resend_at[c] = time.monotonic()
+                else:
+                    failures[c] = _error_line(e)
+            except Exception as e:  # keep the other clusters going; report all failures at the end
+                failures[c] = _error_line(e)
+        show_progress()
+
+
 def train_gans(
     assignments: str | os.PathLike | pa.Table, gan_dir: str | os.PathLike, cfg: GanConfig | None = None,
     progress: bool = True,
@@ -322,20 +377,16 @@ def train_gans(
                 ray.get(ref)
             except Exception as e:
                 failures[c] = _error_line(e)
-        refs = {actors[c].train.remote(cfg.epochs): c for c in actors if c not in failures}
-        pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1, timeout=2.0)
-            for ref in done:
-                c = refs[ref]
-                try:
-                    results[c] = ray.get(ref)
-                except Exception as e:  # keep the other clusters going; report all failures at the end
-                    failures[c] = _error_line(e)
-            bar.n = sum(
-                results[c]["epochs"] if c in results else _epochs_done(gan_dir, c) for c in per_cluster
-            )
+        def show_progress() -> None:
+            bar.n = sum(results[c]["epochs"] if c in results else _epochs_done(gan_dir, c) for c in per_cluster)
             bar.refresh()
+
+        def restart(c: int) -> None:  # a fresh actor resumes from the cluster's last epoch checkpoint
+            ray.kill(actors[c])
+            actors[c] = make_trainer(c, per_cluster[c], gan_dir, cfg, k)
+
+        _await_trainings(actors, [c for c in actors if c not in failures], cfg, results, failures,
+                         restart, show_progress)
     finally:
         bar.close()
         for actor in actors.values():

@@ -321,3 +321,51 @@ def test_collapsed_generator_is_detected(clusters, tmp_path):
     assert collapsed["diversity"] < 0.01 < COLLAPSE_DIVERSITY
     assert healthy["diversity"] > collapsed["diversity"]
     assert collapsed["realism"] > 0 and collapsed["samples"] == 20
+
+
+@ray.remote(num_cpus=0)
+class _FlakyTrainer:
+    """Stands in for a GAN actor on a node that dies: ``unreachable`` calls fail as Ray's do while the
+    node is being declared dead, then the call succeeds (the restarted actor resumed)."""
+
+    def __init__(self, unreachable: int):
+        self.unreachable = unreachable
+        self.calls = 0
+
+    def train(self, epochs: int):
+        from ray.exceptions import ActorUnavailableError
+
+        self.calls += 1
+        if self.calls <= self.unreachable:
+            raise ActorUnavailableError("failed to connect to all addresses (test)", None)
+        return {"epochs": epochs, "calls": self.calls}
+
+
+def test_unreachable_or_dead_gan_actor_is_resent_then_replaced(ray_session, monkeypatch):
+    # On a 3-node cluster a node kill spent Ray's task retries within a second (connection refused before
+    # the node was declared dead) and the stage failed: the driver now re-sends, and replaces a dead actor.
+    from slsr_ray import gan
+
+    monkeypatch.setattr(gan, "RESEND_EVERY_S", 0.1)
+    actors = {0: _FlakyTrainer.remote(2), 1: _FlakyTrainer.remote(0)}
+    ray.get(actors[1].train.remote(0))  # started; now kill it for good: its call must go to a new actor
+    ray.kill(actors[1], no_restart=True)
+    replaced = []
+
+    def restart(c):
+        replaced.append(c)
+        actors[c] = _FlakyTrainer.remote(0)
+
+    results, failures = {}, {}
+    gan._await_trainings(actors, [0, 1], GanConfig(epochs=3, max_restarts=1), results, failures, restart,
+                         lambda: None)
+    assert failures == {} and replaced == [1]
+    assert results[0] == {"epochs": 3, "calls": 3}  # two unreachable calls, then the resent one
+    assert results[1] == {"epochs": 3, "calls": 1}  # the new actor's first call
+    # restarts used up: the cluster fails with the error named, the other clusters are unaffected
+    actors = {0: _FlakyTrainer.remote(0)}
+    ray.kill(actors[0], no_restart=True)
+    results, failures = {}, {}
+    gan._await_trainings(actors, [0], GanConfig(epochs=1, max_restarts=0), results, failures, restart,
+                         lambda: None)
+    assert results == {} and "actor" in failures[0]  # Ray's own line: killed / never ran
