@@ -143,3 +143,42 @@ def tiny_run_root(ray_session, tmp_path_factory):
     lines: list[str] = []
     summary = run_pipeline(cfg, echo=lines.append)
     return cfg, summary, lines
+
+
+@pytest.fixture(scope="session")
+def tiny_job_run(moto_server):
+    """The shared tiny run's config (``TINY_RUN``) as a real ``ray job submit`` job on a ``ray start
+    --head`` on loopback, with an s3:// run root on moto: stopped once the cluster stage is done,
+    resubmitted, finished. Returns ``(run_root, {stage: marker before the stop}, logs of the second job)``.
+
+    One run serves the resume test, the S3-vs-local comparison and the same-seed check (every end-to-end
+    run costs a minute or more of the suite's 2 cores). The head runs in its own process session and is
+    stopped by its pid: ``ray stop`` would kill every Ray on the machine, this session's included."""
+    import boto3
+    from cluster_helpers import LocalCluster, submit, wait_job
+
+    from slsr_ray import storage
+    from slsr_ray.stages import read_record
+
+    bucket = f"slsr-job-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=moto_server).create_bucket(Bucket=bucket)
+    run_root = f"s3://{bucket}/runs/tiny"
+    cluster = LocalCluster()
+    cluster.start_head(num_cpus=2)
+    try:
+        client = cluster.client
+        first = submit(cluster.dashboard, run_root, TINY_RUN)
+        marker = storage.join(run_root, "cluster", "_STAGE.json")
+        status = wait_job(client, first, {"SUCCEEDED", "FAILED", "STOPPED"}, 600,
+                          also=lambda: storage.exists(marker))
+        assert status != "FAILED", client.get_job_logs(first)[-3000:]
+        client.stop_job(first)  # interrupt the pipeline in the middle (during the GAN stage)
+        wait_job(client, first, {"STOPPED", "SUCCEEDED", "FAILED"}, 120)
+        before = {s: read_record(run_root, s) for s in ("prepare", "pretrain", "extract", "cluster")}
+        second = submit(cluster.dashboard, run_root, TINY_RUN)
+        status = wait_job(client, second, {"SUCCEEDED", "FAILED", "STOPPED"}, 900)
+        logs = client.get_job_logs(second)
+        assert status == "SUCCEEDED", logs[-4000:]
+    finally:
+        cluster.stop()
+    return run_root, before, logs

@@ -1,5 +1,6 @@
-"""End to end: the pipeline as a real `ray job submit` job on a `ray start --head` on loopback,
-stopped in the middle and resubmitted (it resumes), then the same run on an s3:// run root (moto).
+"""End to end: the pipeline as a real `ray job submit` job on a `ray start --head` on loopback, with an
+s3:// run root (moto), stopped in the middle and resubmitted (it resumes); its artifacts and numbers are
+then compared with the same config run on a local run root (the session's shared tiny run).
 
 The head runs in its own process session and is stopped by its pid: `ray stop` would kill every Ray
 on the machine, the test session's own Ray included.
@@ -7,50 +8,15 @@ on the machine, the test session's own Ray included.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
-from cluster_helpers import LocalCluster
-from cluster_helpers import submit as _submit
-from cluster_helpers import wait_job as _wait
 
 from slsr_ray import storage
 from slsr_ray.stages import read_record
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """A Ray head on 127.0.0.1 with the job server; yields the dashboard address and a job client."""
-    cluster = LocalCluster()
-    cluster.start_head(num_cpus=2)
-    yield cluster.dashboard, cluster.client
-    cluster.stop()
-
-
-@pytest.fixture(scope="module")
-def job_run(ray_head, tiny_overrides, tmp_path_factory):
-    """Submit, stop the job once the cluster stage is done, resubmit: the run finishes."""
-    address, client = ray_head
-    run_root = str(tmp_path_factory.mktemp("job-run"))
-    overrides = [*tiny_overrides, "baselines=[none]"]
-    first = _submit(address, run_root, overrides)
-    marker = Path(run_root) / "cluster" / "_STAGE.json"
-    status = _wait(client, first, {"SUCCEEDED", "FAILED", "STOPPED"}, 600, also=marker.exists)
-    assert status not in ("FAILED",), client.get_job_logs(first)[-3000:]
-    client.stop_job(first)  # interrupt the pipeline in the middle (during the GAN stage)
-    _wait(client, first, {"STOPPED", "SUCCEEDED", "FAILED"}, 120)
-    before = {s: read_record(run_root, s) for s in ("prepare", "pretrain", "extract", "cluster")}
-    second = _submit(address, run_root, overrides)
-    status = _wait(client, second, {"SUCCEEDED", "FAILED", "STOPPED"}, 900)
-    logs = client.get_job_logs(second)
-    assert status == "SUCCEEDED", logs[-4000:]
-    return run_root, before, logs
-
-
-def test_job_resumes_without_redoing_finished_stages(job_run):
-    run_root, before, logs = job_run
+def test_job_resumes_without_redoing_finished_stages(tiny_job_run):
+    run_root, before, logs = tiny_job_run
     for stage, rec in before.items():
         assert rec is not None, f"{stage} had not finished before the stop"
         after = read_record(run_root, stage)
@@ -58,21 +24,16 @@ def test_job_resumes_without_redoing_finished_stages(job_run):
         assert f"{stage}" in logs and "done (skipped)" in logs
     for stage in ("gan", "generate", "train/slsr", "train/none", "evaluate/slsr", "evaluate/none"):
         assert read_record(run_root, stage) is not None, stage
-    summary = json.loads((Path(run_root) / "report" / "summary.json").read_text())
+    summary = storage.read_json(storage.join(run_root, "report", "summary.json"))
     assert set(summary["metrics"]) == {"slsr", "none"}
     assert "| slsr |" in logs  # the metrics table is printed
 
 
-def test_s3_run_root_matches_local(tiny_run_root, s3_bucket):
-    """The same config on an s3:// run root (moto) produces the same artifacts as the local run."""
-    from conftest import TINY_RUN
-
-    from slsr_ray.pipeline import load_config, run_pipeline
-
+def test_s3_run_root_matches_local(tiny_run_root, tiny_job_run):
+    """The same config on an s3:// run root (moto), run as an interrupted and resumed job, produces the
+    same artifacts and numbers as the uninterrupted local run."""
     local_root = tiny_run_root[0].run_root
-    s3_root = f"{s3_bucket}/runs/tiny"
-    cfg = load_config("synthetic", TINY_RUN, run_root=s3_root)
-    run_pipeline(cfg, echo=lambda *_: None)
+    s3_root = tiny_job_run[0]
 
     def files(root: str, sub: str) -> set[str]:
         return set(storage.listdir(storage.join(root, sub)))

@@ -7,7 +7,9 @@ markers (same finish time) and their files (same bytes)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import shutil
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ from slsr_ray.stages import read_record
 
 def _sha(path: str) -> str:
     """Digest of the weights in a checkpoint (not its timings, which differ between equal runs)."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
     state = blob["state_dict"] if "state_dict" in blob else {k: blob[k] for k in ("G", "D")}
     h = hashlib.sha256()
     for name, t in sorted(_flat(state)):
@@ -50,9 +52,13 @@ def _state(root: str) -> dict:
 
 
 @pytest.mark.slow
-def test_changed_settings_retrain_what_depends_on_them(ray_session, tiny_overrides, tmp_path):
+def test_changed_settings_retrain_what_depends_on_them(ray_session, tiny_run_root, tmp_path):
+    from conftest import TINY_RUN
+
+    # starts from a copy of the session's finished run of the same config (its first run() redoes nothing)
     root = str(tmp_path / "run")
-    base = [*tiny_overrides, "cluster.k=2", "baselines=[none]"]
+    shutil.copytree(tiny_run_root[0].run_root, root)
+    base = TINY_RUN
 
     def run(*changes: str) -> dict:
         cfg = load_config("synthetic", [*base, *changes], run_root=root)
@@ -99,13 +105,17 @@ def test_changed_settings_retrain_what_depends_on_them(ray_session, tiny_overrid
 
 
 @pytest.mark.slow
-def test_forced_rerun_of_same_config_trains_again(ray_session, tiny_overrides, tmp_path):
+def test_forced_rerun_of_same_config_trains_again(ray_session, tiny_run_root, tmp_path):
     """`--from train` with an unchanged config reruns training from scratch (not a restored Ray Train
     run); with the same seed it gives the same weights, since training is deterministic on CPU."""
-    root = str(tmp_path / "run")
-    cfg = load_config("synthetic", [*tiny_overrides, "baselines=[]", "train.strategy=none"], run_root=root)
+    from conftest import TINY_RUN
+
+    root = str(tmp_path / "run")  # a copy of the session's finished run: train/none is already there
+    shutil.copytree(tiny_run_root[0].run_root, root)
+    cfg = load_config("synthetic", [*TINY_RUN, "baselines=[]", "train.strategy=none"], run_root=root)
     run_pipeline(cfg, until="train", echo=lambda *_: None)
     first = read_record(root, "train/none")
+    assert first.finished == read_record(tiny_run_root[0].run_root, "train/none").finished  # reused
     weights = _sha(os.path.join(root, "train/none/model.pt"))
     run_pipeline(cfg, from_stage="train", until="train", echo=lambda *_: None)
     again = read_record(root, "train/none")
@@ -114,32 +124,30 @@ def test_forced_rerun_of_same_config_trains_again(ray_session, tiny_overrides, t
 
 
 @pytest.mark.slow
-def test_same_seed_same_numbers(tiny_run_root, tmp_path):
-    """Two runs of the same config and seed (the session's tiny run and a new one) give identical
-    clusters, generated images and metrics (CPU); the sweep's validation scorer ranks with the
-    pipeline's own distance."""
-    from conftest import TINY_RUN
-
+def test_same_seed_same_numbers(tiny_run_root, tiny_job_run):
+    """Two runs of the same config and seed give identical clusters, generated images, weights and
+    metrics (CPU): the session's local tiny run, and the same config run as a Ray job on another Ray
+    cluster with an s3:// run root, stopped halfway and resumed. The sweep's validation scorer ranks
+    with the pipeline's own distance."""
     from slsr_ray.train import evaluate_checkpoint
 
-    roots = [tiny_run_root[0].run_root, str(tmp_path / "b")]
-    run_pipeline(load_config("synthetic", TINY_RUN, run_root=roots[1]), echo=lambda *_: None)
+    roots = [tiny_run_root[0].run_root, tiny_job_run[0]]
 
     def read(root: str, rel: str):
-        return storage.read_json(os.path.join(root, rel))
+        return storage.read_json(storage.join(root, rel))
 
     for strategy in ("slsr", "none"):
         for kind in ("plain", "rerank"):
             rel = f"evaluate/{strategy}/{kind}.json"
             assert read(roots[0], rel) == read(roots[1], rel), rel
-    a, b = (storage.read_table(os.path.join(r, "cluster/k2/assignments.parquet")) for r in roots)
+    a, b = (storage.read_table(storage.join(r, "cluster/k2/assignments.parquet")) for r in roots)
     assert a["cluster"].to_pylist() == b["cluster"].to_pylist()
     assert read(roots[0], "cluster/k2/membership.json") == read(roots[1], "cluster/k2/membership.json")
-    ga, gb = (storage.read_table(os.path.join(r, "generate/manifest.parquet")) for r in roots)
+    ga, gb = (storage.read_table(storage.join(r, "generate/manifest.parquet")) for r in roots)
     assert ga["cluster"].to_pylist() == gb["cluster"].to_pylist()
     digest = [[hashlib.sha256(storage.read_bytes(p)).hexdigest() for p in g["path"].to_pylist()] for g in (ga, gb)]
     assert digest[0] == digest[1]
-    assert _sha(os.path.join(roots[0], "train/slsr/model.pt")) == _sha(os.path.join(roots[1], "train/slsr/model.pt"))
+    assert _sha(storage.join(roots[0], "train/slsr/model.pt")) == _sha(storage.join(roots[1], "train/slsr/model.pt"))
 
     # the same numbers from the sweep's in-process scorer (same features, same Euclidean distance)
     q = storage.read_table(os.path.join(roots[0], "prepare/query.parquet"))
