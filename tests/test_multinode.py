@@ -230,7 +230,8 @@ def test_work_ran_on_both_gpu_worker_nodes(three_node_run, cluster):
 
     head_id = next(n["node_id"] for n in cluster.node_list() if "node_h" in n["resources_total"])
     actors = list_actors(address=cluster.dashboard, limit=10000)
-    kmeans = list_tasks(address=cluster.dashboard, filters=[("func_or_class_name", "=", "_assign_shard")], limit=10000)
+    kmeans = [t for t in list_tasks(address=cluster.dashboard, limit=10000)  # one per shard and Lloyd step
+              if "_step_task" in (t.func_or_class_name or "")]
     where = {
         "Ray Train workers": {a.node_id for a in actors if a.class_name == "RayTrainWorker"},
         "extraction actors": {a.node_id for a in actors if "Extractor" in a.class_name},
