@@ -193,7 +193,8 @@ def _restore(w: _Worker) -> None:
     w.start_epoch, w.history, w.resumes = state["epoch"] + 1, state["history"], state["resumes"] + 1
     w.last_checkpoint_epoch = state["epoch"]
     if w.rank == 0:
-        log.info("resumed from the checkpoint of epoch %d (restart %d)", state["epoch"], w.resumes)
+        # on the console too: a restart after a lost node is something the user should see
+        log.info("resumed from the checkpoint of epoch %d (restart %d)", state["epoch"], w.resumes, extra=SHOW)
 
 
 def _step_loss(w: _Worker, images, pids, clusters, is_gen) -> tuple[torch.Tensor, torch.Tensor]:
