@@ -1,11 +1,14 @@
 """The notebooks run top to bottom (nbclient, the project's Python as the kernel) on their fast settings:
-the walkthrough computes a whole tiny run and shows every figure; the cluster notebook starts a Ray head
+the walkthrough runs on a copy of the session's finished tiny run (the same settings) and shows every
+figure; the cluster notebook starts a Ray head
 on loopback, submits the pipeline on the walkthrough's run root as a Ray job (rerunning the evaluation),
 reads the results back and stops its head."""
 
 from __future__ import annotations
 
+import ast
 import json
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -38,9 +41,32 @@ def outputs(nb, kind: str) -> list:
     return found
 
 
+def fast_settings(name: str) -> list[str]:
+    """The notebook's ``TINY`` list, read from its code without running it."""
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "TINY = [" in cell.source:
+            for node in ast.walk(ast.parse(cell.source)):
+                if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "TINY":
+                    return ast.literal_eval(node.value)
+    raise AssertionError(f"{name} has no TINY list")
+
+
+@pytest.mark.parametrize("name", ["01_walkthrough.ipynb", "02_cluster_submit.ipynb"])
+def test_fast_settings_are_the_suites_shared_tiny_run(name):
+    # the walkthrough runs on a copy of the shared run root: with other settings it would retrain all
+    from conftest import TINY_RUN
+
+    assert fast_settings(name) == TINY_RUN
+
+
 @pytest.fixture(scope="module")
-def walkthrough(tmp_path_factory):
-    run_root = tmp_path_factory.mktemp("walkthrough")
+def walkthrough(tiny_run_root, tmp_path_factory):
+    """The walkthrough on a copy of the session's finished tiny run (the same settings): every stage is
+    reused, the notebook's own code (config, Ray, figures, report) runs; the stages themselves are
+    tested by the pipeline tests."""
+    run_root = tmp_path_factory.mktemp("walkthrough") / "run"
+    shutil.copytree(tiny_run_root[0].run_root, run_root)
     with pytest.MonkeyPatch.context() as mp:
         nb = execute("01_walkthrough.ipynb", mp, SLSR_NOTEBOOK_RUN_ROOT=str(run_root))
     return nb, run_root
@@ -53,6 +79,7 @@ def test_walkthrough_runs_and_shows_every_stage(walkthrough):
     assert len(pictures) >= 8  # data, silhouette, PCA, GAN, labels, training, CMC, ranked gallery
     text = "".join(outputs(nb, "text"))
     assert "fast settings" in text and "| slsr | no |" in text
+    assert "[slsr] train/slsr         done (skipped)" in text  # the shared run's stages were reused
     summary = json.loads((run_root / "report" / "summary.json").read_text())
     assert set(summary["metrics"]) == {"slsr", "none"}
     assert len(summary["figures"]) == 8 and (run_root / "report" / "report.html").exists()
