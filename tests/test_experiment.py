@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_RUN
 from scipy import stats
 
 from slsr_ray.commands.experiment import parse_variants
@@ -18,15 +20,18 @@ from slsr_ray.experiment import Experiment, ExperimentConfig, build_rows, run_ex
 from slsr_ray.experiment_results import paired_test
 
 FAST = ["train.num_workers=1", "pretrain.num_workers=1", "evaluate.rerank=false"]
+BASE = [*TINY_RUN, *FAST]  # the shared tiny run's settings: its upstream stages are reused
 
 
 @pytest.fixture(scope="module")
-def finished(ray_session, tiny_overrides, tmp_path_factory):
-    """2 strategies x 2 seeds, plus one generated-count point (0.25x the real images, seed 0)."""
+def finished(ray_session, tiny_run_root, tmp_path_factory):
+    """2 strategies x 2 seeds, plus one generated-count point (0.25x the real images, seed 0), on a copy
+    of the session's finished tiny run (same upstream settings: its stages up to generation are reused)."""
     root = str(tmp_path_factory.mktemp("experiment") / "run")
+    shutil.copytree(tiny_run_root[0].run_root, root)
     exp = ExperimentConfig(strategies=["none", "slsr"], seeds=[0, 1], generated=[0, 0.25], curve_seeds=[0])
     lines: list[str] = []
-    results = run_experiment("synthetic", tiny_overrides + FAST, root, exp, echo=lines.append)
+    results = run_experiment("synthetic", BASE, root, exp, echo=lines.append)
     return root, exp, results, lines
 
 
@@ -102,13 +107,13 @@ def test_rerun_skips_finished_points(finished, tiny_overrides):
     stamps = {p: os.path.getmtime(os.path.join(root, "experiment", "points", p, "point.json"))
               for p in os.listdir(os.path.join(root, "experiment", "points"))}
     lines: list[str] = []
-    again = run_experiment("synthetic", tiny_overrides + FAST, root, exp, echo=lines.append)
+    again = run_experiment("synthetic", BASE, root, exp, echo=lines.append)
     assert any("5 distinct trainings, 0 to run" in line for line in lines)
     assert not any("running" in line for line in lines)  # no stage ran, upstream or point
     assert {p: os.path.getmtime(os.path.join(root, "experiment", "points", p, "point.json")) for p in stamps} == stamps
     # a third seed: only its two trainings run, the finished ones are reused
     more = ExperimentConfig(strategies=["none", "slsr"], seeds=[0, 1, 2], generated=[0, 0.25], curve_seeds=[0])
-    plan = Experiment("synthetic", tiny_overrides + FAST, root, more)
+    plan = Experiment("synthetic", BASE, root, more)
     todo = [p for p in plan.plan(build_rows(more, plan.num_real())) if plan.finished(p) is None]
     assert sorted((p.strategy, p.seed) for p in todo) == [("none", 2), ("slsr", 2)]
     assert again["rows"] == finished[2]["rows"]
@@ -164,7 +169,7 @@ def test_cli_collect_only_rewrites_the_tables(finished, tiny_overrides):
 
     root = finished[0]
     os.remove(os.path.join(root, "experiment", "results.md"))
-    sets = [a for o in tiny_overrides + FAST for a in ("--set", o)]
+    sets = [a for o in BASE for a in ("--set", o)]
     args = ["experiment", "-o", root, "--strategy", "none", "--strategy", "slsr", "--seed", "0", "--seed", "1",
             "--generated", "0", "--generated", "0.25", "--curve-seed", "0", "--collect-only", *sets]
     res = CliRunner().invoke(app, args)
