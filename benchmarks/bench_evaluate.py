@@ -22,12 +22,16 @@ Every measured call runs in a fresh subprocess, ``--repeat`` rounds of ours and 
 (the machine may be shared: the minimum time is reported, all times are kept). Memory: ``peak_rss_mb`` is the process's peak resident
 set (VmHWM, inputs and Python included), ``peak_rise_mb`` its rise over the RSS just before the call.
 
-    python benchmarks/bench_evaluate.py [small|market|msmt17] [--repeat N] [--max-ref-queries N]
+    python benchmarks/bench_evaluate.py [small|market|msmt17] [--repeat N] [--max-ref-queries N] [--part rerank]
+
+``--part eval`` or ``--part rerank`` runs only those rows; the other part's rows are kept from the
+previous JSON (each with its own ``measured_at``).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import multiprocessing as mp
 import os
 import pathlib
@@ -229,11 +233,13 @@ def measure(tasks: dict[str, tuple[str, dict]], workdir: str, repeat: int) -> di
     runs: dict[str, list[dict]] = {name: [] for name in tasks}
     for _ in range(repeat):
         for name, (task, kwargs) in tasks.items():
-            runs[name].append(_measure_once(task, workdir, kwargs))
+            load = os.getloadavg()[0]  # a shared machine: how busy it was when this run started
+            runs[name].append({**_measure_once(task, workdir, kwargs), "load_1m": load})
     out = {}
     for name, rs in runs.items():
         best = dict(min(rs, key=lambda r: r["seconds"]))
         best["all_seconds"] = [round(r["seconds"], 3) for r in rs]
+        best["all_load_1m"] = [round(r["load_1m"], 2) for r in rs]
         best["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rs)
         best["peak_rise_mb"] = max(r["peak_rise_mb"] for r in rs)
         out[name] = best
@@ -330,7 +336,8 @@ def _rerank_rows(size: str, workdir: str, repeat: int) -> list[dict]:
         rows.append({
             "name": f"{label} {nq}x{ng}", "ours_s": ours["seconds"], "ours_all_s": ours["all_seconds"],
             "peer": "torchreid re_ranking", "peer_s": ref["seconds"], "peer_all_s": ref["all_seconds"],
-            "ratio": ref["seconds"] / ours["seconds"],
+            "ratio": ref["seconds"] / ours["seconds"], "ours_all_load_1m": ours["all_load_1m"],
+            "peer_all_load_1m": ref["all_load_1m"],
             "peak_rss_mb": ours["peak_rss_mb"], "peak_rise_mb": ours["peak_rise_mb"],
             "peer_peak_rss_mb": ref["peak_rss_mb"], "peer_peak_rise_mb": ref["peak_rise_mb"],
             "max_abs_diff_dist": float(np.max(np.abs(dist - ref_dist))),
@@ -371,21 +378,47 @@ def _msmt17_rerank_row(workdir: str, repeat: int) -> dict:
     }
 
 
-def run(size: str = "small", max_ref_queries: int | None = None, repeat: int | None = None) -> list[dict]:
+PARTS = ("eval", "rerank")
+
+
+def run(size: str = "small", max_ref_queries: int | None = None, repeat: int | None = None,
+        parts: tuple[str, ...] = PARTS) -> list[dict]:
     """Benchmark rows for ``size``. ``max_ref_queries`` times torchreid's Python evaluator on the first N
-    queries only and extrapolates linearly (said in the row); ``repeat``: runs per measurement (min kept)."""
+    queries only and extrapolates linearly (said in the row); ``repeat``: runs per measurement (min kept);
+    ``parts``: which rows (``eval``: the evaluators, ``rerank``: the re-rankings)."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {list(SIZES)}, got {size!r}")
     cfg = SIZES[size]
     repeat = repeat or cfg["repeat"]
     ref_queries = max_ref_queries or cfg["ref_queries"]
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench_eval_", dir=os.environ.get("BENCH_TMP")) as workdir:
-        rows = _eval_rows(size, workdir, repeat, ref_queries)
-        if cfg["rerank"] is not None:
-            rows += _rerank_rows(size, workdir, repeat)
-        else:
-            rows.append(_msmt17_rerank_row(workdir, repeat))
+        if "eval" in parts:
+            rows += _eval_rows(size, workdir, repeat, ref_queries)
+        if "rerank" in parts:
+            if cfg["rerank"] is not None:
+                rows += _rerank_rows(size, workdir, repeat)
+            else:
+                rows.append(_msmt17_rerank_row(workdir, repeat))
+    for r in rows:
+        r["part"] = "rerank" if "re_ranking" in r["name"] else "eval"
     return rows
+
+
+def _kept_rows(size: str, parts: tuple[str, ...]) -> list[dict]:
+    """Rows of the parts not rerun now, from the previous JSON (each keeps its ``measured_at``)."""
+    from common import RESULTS
+
+    path = RESULTS / ("evaluate.json" if size == "small" else f"evaluate_{size}.json")
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    kept = []
+    for r in old.get("rows", []):
+        part = r.get("part") or ("rerank" if "re_ranking" in r.get("name", "") else "eval")
+        if part not in parts:
+            kept.append({**r, "part": part, "measured_at": r.get("measured_at", old.get("measured_at", "unknown"))})
+    return kept
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -393,11 +426,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--max-ref-queries", type=int, default=None,
                         help="time torchreid's Python evaluator on this many queries and extrapolate")
     parser.add_argument("--repeat", type=int, default=None, help="runs per measurement (the minimum is kept)")
+    parser.add_argument("--part", choices=PARTS, default=None,
+                        help="run only these rows; the other part's rows are kept from the previous JSON")
     args = parser.parse_args(argv)
     size = chosen_size(args)
+    parts = (args.part,) if args.part else PARTS
     cols = ["name", "ours_s", "peer", "peer_s", "ratio", "peak_rss_mb", "peer_peak_rss_mb", "R1", "mAP",
             "max_abs_diff_cmc", "abs_diff_mAP", "mAP_diff_points", "max_abs_diff_dist"]
-    return report("evaluate", size, run(size, args.max_ref_queries, args.repeat), cols)
+    rows = run(size, args.max_ref_queries, args.repeat, parts)
+    return report("evaluate", size, _kept_rows(size, parts) + rows, cols)
 
 
 if __name__ == "__main__":

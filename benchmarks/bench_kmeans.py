@@ -25,6 +25,7 @@ features. Sizes: ``small`` N = 20,000; ``market`` N = 200,000; ``scan`` 20k, 50k
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -84,13 +85,50 @@ def _peer(X: np.ndarray, k: int, which: str, fixed: bool, seed: int, cpus: int) 
         return {**out, "seconds": time.perf_counter() - t0}
 
 
+@contextlib.contextmanager
+def _iteration_probe():
+    """Times every Lloyd step of ``mode="tasks"`` in the driver: the round trip of ``step`` (submit the
+    shard tasks, wait for all), the slowest task's own compute (``seconds`` in its partial result), and
+    the reduce (``_m_step``). Yields the dict of lists it fills."""
+    import slsr_ray.kmeans as km
+
+    times: dict = {"round_trip": [], "task_compute": [], "reduce": []}
+    step, m_step = km._TaskSteps.step, km._m_step
+
+    def timed_step(self, *args):
+        t0 = time.perf_counter()
+        parts = step(self, *args)
+        times["round_trip"].append(time.perf_counter() - t0)
+        times["task_compute"].append(max(p["seconds"] for p in parts))
+        return parts
+
+    def timed_m_step(*args):
+        t0 = time.perf_counter()
+        out = m_step(*args)
+        times["reduce"].append(time.perf_counter() - t0)
+        return out
+
+    km._TaskSteps.step, km._m_step = timed_step, timed_m_step
+    try:
+        yield times
+    finally:
+        km._TaskSteps.step, km._m_step = step, m_step
+
+
 def _ours(shards, k: int, mode: str, fixed: bool, seed: int) -> dict:
     from slsr_ray.kmeans import kmeans
 
-    t0 = time.perf_counter()
-    res = (kmeans(shards, k, n_init=1, max_iter=ITERS, tol=None, seed=seed, mode=mode) if fixed
-           else kmeans(shards, k, n_init=1, seed=seed, mode=mode))
-    return {"centroids": res.centroids, "iters": res.n_iter, "seconds": time.perf_counter() - t0}
+    with _iteration_probe() as times:
+        t0 = time.perf_counter()
+        res = (kmeans(shards, k, n_init=1, max_iter=ITERS, tol=None, seed=seed, mode=mode) if fixed
+               else kmeans(shards, k, n_init=1, seed=seed, mode=mode))
+        seconds = time.perf_counter() - t0
+    out = {"centroids": res.centroids, "iters": res.n_iter, "seconds": seconds}
+    if times["round_trip"]:  # medians over the steps: where one iteration of the task mode goes
+        med = {key: 1000 * float(np.median(v)) for key, v in times.items() if v}
+        out["iteration_ms"] = {"round_trip": med["round_trip"], "task_compute": med["task_compute"],
+                               "overhead": med["round_trip"] - med["task_compute"], "reduce": med.get("reduce", 0.0)}
+    return out
 
 
 def _interleaved(runs: dict, repeat: int) -> dict:
@@ -99,11 +137,13 @@ def _interleaved(runs: dict, repeat: int) -> dict:
     results: dict = {name: [] for name in runs}
     for _ in range(repeat):
         for name, fn in runs.items():
-            results[name].append(fn())
+            load = os.getloadavg()[0]  # a shared machine: how busy it was when this run started
+            results[name].append({**fn(), "load_1m": load})
     out = {}
     for name, rs in results.items():
         best = dict(min(rs, key=lambda r: r["seconds"]))
         best["all_seconds"] = [round(r["seconds"], 3) for r in rs]
+        best["all_load_1m"] = [round(r["load_1m"], 2) for r in rs]
         out[name] = best
     return out
 
@@ -120,10 +160,11 @@ def _init_ray(nbytes: int) -> int:
     return int(ray.cluster_resources().get("CPU", 1))
 
 
-def _rows_for(X: np.ndarray, k: int, size: str, cpus: int, repeat: int) -> list[dict]:
+def _rows_for(X: np.ndarray, k: int, size: str, cpus: int, repeat: int, sklearn: bool = True) -> list[dict]:
     import ray
 
-    from slsr_ray.kmeans import LOCAL_MAX_BYTES, to_shards
+    from slsr_ray.kmeans import auto_mode as pick_mode
+    from slsr_ray.kmeans import to_shards
 
     n = len(X)
     t0 = time.perf_counter()
@@ -131,15 +172,18 @@ def _rows_for(X: np.ndarray, k: int, size: str, cpus: int, repeat: int) -> list[
     put_s = time.perf_counter() - t0
     xref = ray.put(X)
     peer = ray.remote(num_cpus=cpus)(_peer)
-    auto_mode = "local" if n * DIM * 4 <= LOCAL_MAX_BYTES else "tasks"
-    got = _interleaved({
+    auto_mode = pick_mode(n * DIM * 4, use_gpu=False)
+    runs = {
         "faiss": lambda: ray.get(peer.remote(xref, k, "faiss", True, 0, cpus)),
         "sklearn": lambda: ray.get(peer.remote(xref, k, "sklearn", True, 0, cpus)),
         "local": lambda: _ours(shards, k, "local", True, 0),
         "tasks": lambda: _ours(shards, k, "tasks", True, 0),
         "sklearn_conv": lambda: ray.get(peer.remote(xref, k, "sklearn", False, 0, cpus)),
         "auto_conv": lambda: _ours(shards, k, "auto", False, 0),
-    }, repeat)
+    }
+    if not sklearn:
+        del runs["sklearn"], runs["sklearn_conv"]
+    got = _interleaved(runs, repeat)
     inertia = {name: exact_inertia(X, r["centroids"]) for name, r in got.items()}
     base = {"size": size, "n": n, "d": DIM, "k": k, "cpus": cpus, "ours_put_s": put_s}
     rows = []
@@ -148,16 +192,23 @@ def _rows_for(X: np.ndarray, k: int, size: str, cpus: int, repeat: int) -> list[
         common = {**base, "name": f"kmeans fixed {ITERS} iters k={k} n={n} mode={mode}"
                   + (" (auto)" if mode == auto_mode else ""), "mode": mode, "auto": mode == auto_mode,
                   "ours_s": ours["seconds"], "ours_all_s": ours["all_seconds"], "ours_iters": ours["iters"],
-                  "ours_per_iter_ms": 1000 * ours["seconds"] / ours["iters"], "ours_inertia": inertia[mode]}
+                  "ours_per_iter_ms": 1000 * ours["seconds"] / ours["iters"], "ours_inertia": inertia[mode],
+                  "ours_all_load_1m": ours["all_load_1m"]}
+        if "iteration_ms" in ours:
+            common.update({f"iter_{key}_ms": v for key, v in ours["iteration_ms"].items()})
         for name, key in (("faiss.Kmeans", "faiss"), ("sklearn.KMeans", "sklearn")):
+            if key not in got:
+                continue
             r = got[key]
             rows.append({**common, "peer": name, "peer_s": r["seconds"], "peer_all_s": r["all_seconds"],
                          "peer_iters": r["iters"], "peer_per_iter_ms": 1000 * r["seconds"] / r["iters"],
                          "ratio": ours["seconds"] / r["seconds"],
                          "ratio_with_put": (ours["seconds"] + put_s) / r["seconds"],
                          "per_iter_ratio": (ours["seconds"] / ours["iters"]) / (r["seconds"] / r["iters"]),
-                         "peer_inertia": inertia[key],
+                         "peer_inertia": inertia[key], "peer_all_load_1m": r["all_load_1m"],
                          "inertia_rel_diff": (inertia[mode] - inertia[key]) / inertia[key]})
+    if "sklearn_conv" not in got:
+        return rows
     ours, sk = got["auto_conv"], got["sklearn_conv"]
     rows.append({**base, "name": f"kmeans to convergence k={k} n={n} mode=auto ({auto_mode})", "mode": auto_mode,
                  "ours_s": ours["seconds"], "ours_all_s": ours["all_seconds"], "ours_iters": ours["iters"],
@@ -168,8 +219,9 @@ def _rows_for(X: np.ndarray, k: int, size: str, cpus: int, repeat: int) -> list[
     return rows
 
 
-def run(size: str = "small", repeat: int = REPEAT) -> list[dict]:
-    """Rows for every N of ``size`` and K in ``KS``: each mode of ours vs faiss and scikit-learn."""
+def run(size: str = "small", repeat: int = REPEAT, sklearn_max_n: int | None = None) -> list[dict]:
+    """Rows for every N of ``size`` and K in ``KS``: each mode of ours vs faiss and scikit-learn
+    (scikit-learn only up to ``sklearn_max_n`` points when given: it is the slow one)."""
     from slsr_ray.kmeans import kmeans
 
     if size not in SIZES:
@@ -182,7 +234,7 @@ def run(size: str = "small", repeat: int = REPEAT) -> list[dict]:
     for n in SIZES[size]:
         X = make_data(n)
         for k in KS:
-            rows += _rows_for(X, k, size, cpus, repeat)
+            rows += _rows_for(X, k, size, cpus, repeat, sklearn=sklearn_max_n is None or n <= sklearn_max_n)
         del X
     return rows
 
@@ -190,11 +242,13 @@ def run(size: str = "small", repeat: int = REPEAT) -> list[dict]:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = size_parser(__doc__, SIZES)
     parser.add_argument("--repeat", type=int, default=REPEAT, help="runs per measurement (the minimum is kept)")
+    parser.add_argument("--sklearn-max-n", type=int, default=None, help="run scikit-learn only up to this many points")
     args = parser.parse_args(argv)
     size = chosen_size(args)
     cols = ["name", "peer", "ours_s", "peer_s", "ratio", "per_iter_ratio", "ours_iters", "peer_iters",
-            "ours_per_iter_ms", "peer_per_iter_ms", "inertia_rel_diff", "ours_put_s"]
-    return report("kmeans", size, run(size, args.repeat), cols)
+            "ours_per_iter_ms", "peer_per_iter_ms", "iter_round_trip_ms", "iter_task_compute_ms", "inertia_rel_diff",
+            "load_avg_1m"]
+    return report("kmeans", size, run(size, args.repeat, args.sklearn_max_n), cols)
 
 
 if __name__ == "__main__":

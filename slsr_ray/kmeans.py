@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from .feature_shards import (  # noqa: F401  (ClusteringError, to_shards: part of this module's API)
-    CHUNK_ROWS,
     ClusteringError,
     _cluster_gpus,
     _gather_rows,
@@ -53,6 +52,18 @@ LOCAL_MAX_BYTES = 2 * 1024**3
 
 MODES = ("auto", "local", "tasks")
 
+#: Bytes of feature rows per chunk of a Lloyd step: the distance GEMM reads a chunk from memory and the
+#: per-cluster sums read it again right after, from the CPU cache when the chunk fits there (a few MB:
+#: half the memory traffic of a step over chunks of 16k x 2,048 rows = 128 MB). GPU steps keep 16k rows
+#: (one host-to-device copy per chunk).
+STEP_CHUNK_BYTES = 8 * 1024**2
+
+
+def _step_rows(d: int, device) -> int:
+    if device.type != "cpu":
+        return 16_384
+    return max(64, STEP_CHUNK_BYTES // (4 * max(d, 1)))
+
 
 @dataclass
 class KMeansResult:
@@ -73,9 +84,13 @@ class KMeansResult:
 
 def _partial_step(x: np.ndarray, x_sq: np.ndarray, centroids: np.ndarray, num_far: int, want_labels: bool,
                   device=None) -> dict:
-    """Assign every row of ``x`` to its nearest centroid; return the partial k-means statistics."""
+    """Assign every row of ``x`` to its nearest centroid; return the partial k-means statistics (and
+    ``seconds``: how long that took here, for the per-iteration breakdown in bench_kmeans.py)."""
+    import time
+
     import torch
 
+    t0 = time.perf_counter()
     warnings.filterwarnings("ignore", "The given NumPy array is not writable")  # object-store views; only read
     k, d = centroids.shape
     dev = torch.device(device or "cpu")
@@ -86,12 +101,13 @@ def _partial_step(x: np.ndarray, x_sq: np.ndarray, centroids: np.ndarray, num_fa
     counts = torch.zeros(k, dtype=torch.int64, device=dev)
     dists = np.empty(n, np.float32)
     labels = np.empty(n, np.int64)
-    for start in range(0, n, CHUNK_ROWS):
-        stop = min(n, start + CHUNK_ROWS)
+    rows = _step_rows(d, dev)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
         chunk = torch.from_numpy(x[start:stop]).to(dev)  # a read-only view is fine: torch only reads it
         # ||x||^2 is the same for every centroid, so the nearest one minimises ||c||^2 - 2 x.c.
         best, lab = torch.addmm(c_sq, chunk, c.T, beta=1.0, alpha=-2.0).min(1)
-        # Partial sums in float32 per chunk (16k rows), accumulated in float64 across chunks.
+        # Partial sums in float32 per chunk, accumulated in float64 across chunks.
         sums += torch.zeros((k, d), dtype=torch.float32, device=dev).index_add_(0, lab, chunk).double()
         counts += torch.bincount(lab, minlength=k)
         labels[start:stop] = lab.cpu().numpy()
@@ -103,6 +119,7 @@ def _partial_step(x: np.ndarray, x_sq: np.ndarray, centroids: np.ndarray, num_fa
            "far_rows": far, "far_dist": dists[far]}
     if want_labels:
         out["labels"] = labels
+    out["seconds"] = time.perf_counter() - t0
     return out
 
 
@@ -143,7 +160,9 @@ class _TaskSteps:
     def step(self, centroids: np.ndarray, num_far: int, want_labels: bool) -> list[dict]:
         import ray
 
-        cref = ray.put(centroids)
+        # k x d centroids go inline with each task (under Ray's 100 KB inline limit for k x 2,048 up to
+        # k = 12): no object-store put and fetch per iteration
+        cref = ray.put(centroids) if centroids.nbytes > 64 * 1024 else centroids
         return ray.get([self.task.remote(r, sq, cref, num_far, want_labels, self.use_gpu)
                         for r, sq in zip(self.shards.refs, self.shards.sq_refs, strict=True)])
 
@@ -328,6 +347,12 @@ def _local_cpus() -> int:
     return max(1, int(min(per_node, free)))
 
 
+def auto_mode(nbytes: int, use_gpu: bool) -> str:
+    """What ``mode="auto"`` runs for ``nbytes`` of float32 features: ``"local"`` (one task) up to
+    :data:`LOCAL_MAX_BYTES` on a CPU-only cluster, else ``"tasks"`` (distributed over the shards)."""
+    return "local" if not use_gpu and nbytes <= LOCAL_MAX_BYTES else "tasks"
+
+
 def kmeans(
     features,
     k: int,
@@ -377,7 +402,7 @@ def kmeans(
     if use_gpu is None:
         use_gpu = _cluster_gpus() > 0
     if mode == "auto":
-        mode = "local" if not use_gpu and n * shards.dim * 4 <= LOCAL_MAX_BYTES else "tasks"
+        mode = auto_mode(n * shards.dim * 4, use_gpu)
     shift_tol = None if tol is None else tol * shards.mean_var
     args = (n, int(k), n_init, max_iter, shift_tol, inertia_tol, seed, init_sample_size, init)
     if mode == "local":

@@ -33,3 +33,19 @@ def test_sane_rows_pass():
 def test_impossible_figures_are_errors(bad, match):
     with pytest.raises(BenchmarkError, match=match):
         check_rows([_row(**bad)])
+
+
+def test_evaluate_part_rerun_keeps_the_other_parts_rows(monkeypatch, tmp_path):
+    import json
+
+    import bench_evaluate
+    import common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    old = {"measured_at": "then", "rows": [{"name": "evaluate_rank 3368x15913", "ours_s": 11.0},
+                                          {"name": "re_ranking_features 2000x10000", "ours_s": 19.9}]}
+    (tmp_path / "evaluate_market.json").write_text(json.dumps(old))
+    kept = bench_evaluate._kept_rows("market", ("rerank",))  # rerunning the re-rankings keeps the evaluators
+    assert [r["name"] for r in kept] == ["evaluate_rank 3368x15913"]
+    assert kept[0]["part"] == "eval" and kept[0]["measured_at"] == "then"
+    assert bench_evaluate._kept_rows("small", ("rerank",)) == []  # no previous file

@@ -75,9 +75,11 @@ def test_features_entry_point_matches_reference_and_improves_map(reference):
 
 
 @pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
-@pytest.mark.parametrize("max_candidates", [64, 0])  # 0: every off-diagonal block takes the dense top-k path
-def test_blocked_neighbour_pass_is_exact(monkeypatch, metric, max_candidates):
-    monkeypatch.setattr(neighbours, "_MAX_CANDIDATES_PER_ROW", max_candidates)
+# 32: the default; inf: every block side offers its entries below the thresholds, however many; 0: every
+# off-diagonal block side offers its dense top k
+@pytest.mark.parametrize("dense_above", [32, np.inf, 0])
+def test_blocked_neighbour_pass_is_exact(monkeypatch, metric, dense_above):
+    monkeypatch.setattr(neighbours, "_DENSE_ABOVE_PER_ROW", dense_above)
     qf, gf, *_ = _clustered(6, 37, 150, dim=24, num_ids=15)
     gf = gf[np.argsort(gf[:, 0])]  # sorted rows: neighbours bunch in a few blocks, thresholds start loose
     x = np.concatenate([qf, gf]).astype(np.float64)
@@ -97,6 +99,40 @@ def test_blocked_neighbour_pass_is_exact(monkeypatch, metric, max_candidates):
     np.testing.assert_allclose(nb.dist.numpy(), got, atol=1e-4)
     np.testing.assert_allclose(nb.row_max.numpy(), full.max(1), rtol=1e-5)
     np.testing.assert_allclose(qg, full[:37, 37:], atol=1e-4)  # every query x gallery cell written
+
+
+def test_neighbour_pass_merges_early_when_candidates_pile_up(monkeypatch):
+    # An outlier query (its own block bounds its k-th neighbour loosely, so it offers most of every other
+    # block) and a tiny pending limit: candidates are merged many times on the way, each merge tightening
+    # the thresholds. The result is still exact.
+    monkeypatch.setattr(neighbours, "_DENSE_ABOVE_PER_ROW", np.inf)
+    monkeypatch.setattr(neighbours, "_PENDING_LIMIT", 500)
+    flushes = []
+    flush = neighbours._TopK.flush
+    monkeypatch.setattr(neighbours._TopK, "flush", lambda self: (flushes.append(self._pending), flush(self)))
+    qf, gf, *_ = _clustered(7, 37, 300, dim=24, num_ids=15)
+    qf[3] += 6.0
+    gf = gf[np.argsort(gf[:, 0])]
+    nb, _ = neighbours.all_knn([qf, gf], 21, "sqeuclidean", block_rows=64, num_q=37)
+    assert len(flushes) > 3
+    x = np.concatenate([qf, gf]).astype(np.float64)
+    full = ((x[:, None] - x[None]) ** 2).sum(-1)
+    np.testing.assert_allclose(np.take_along_axis(full, nb.index.numpy(), 1), np.sort(full, 1)[:, :21], atol=1e-4)
+    np.testing.assert_allclose(nb.row_max.numpy(), full.max(1), rtol=1e-5)
+
+
+def test_features_entry_point_is_the_dense_one_on_computed_distances():
+    # re_ranking_features makes its distances exactly as compute_distance_matrix does (no centring, same
+    # addmm and norms), so on features far from the origin -- where the float32 |x|^2 + |y|^2 - 2xy
+    # rounding decides near-ties -- it ranks every neighbour list as the dense path given those
+    # matrices, and the results agree to float32 rounding, not just in mAP.
+    qf, gf, qp, gp, qc, gc = _clustered(9, 150, 900, dim=64, num_ids=60, noise=1.5)
+    qf, gf = qf + 30.0, gf + 30.0  # far from the origin (like pooled ReLU features): |x|^2 >> distances
+    qg, qq, gg = (compute_distance_matrix(a, b) for a, b in ((qf, gf), (qf, qf), (gf, gf)))
+    dense = re_ranking(qg, qq, gg)
+    fast = re_ranking_features(qf, gf, chunk_bytes=1_000_000)  # several blocks of each kind
+    np.testing.assert_allclose(fast, dense, atol=1e-5)  # the centred distances of before: 0.055 apart
+    assert evaluate_rank(fast, qp, gp, qc, gc)["mAP"] == evaluate_rank(dense, qp, gp, qc, gc)["mAP"]
 
 
 def test_bad_input(reference):

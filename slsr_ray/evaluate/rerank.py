@@ -29,9 +29,14 @@ output, about 5 GB peak, where the reference's N x N float32 matrices are 35 GB 
 pass over the N x N distances (top-k and row max together) plus one q x g pass: ~4e13 flops at d = 2048,
 about 10 minutes on a 2-core CPU, seconds on a GPU (``device``).
 
-The feature entry point uses ``original = squared distance / row max`` (for a symmetric distance the
-row max equals the reference's column max) and feature-space top-k; ranks can differ from the reference
-only where float32 rounding reorders near-equal distances, so mAP agrees to a few hundredths of a point.
+The feature entry point makes every distance exactly as ``compute_distance_matrix`` does (the same
+``addmm`` and norms, see neighbours.py), squares it as the reference squares its float32 input (square
+root, then square), and uses ``original = that / row max`` (for a symmetric distance the row max equals
+the reference's column max). Its neighbour lists are therefore those of the reference given
+``compute_distance_matrix``'s three matrices; the only departure is that each pair's distance is made
+once, for both rows (the reference's q x q and g x g matrices differ from their transposes in the last
+bit for a few per cent of pairs), and that does not change a top-k set at the benchmark sizes: mAP and
+CMC are identical (``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -273,8 +278,10 @@ def re_ranking_features(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float =
     block = max(64, int((chunk_bytes // 4) ** 0.5))
     nb, aug = all_knn([qf, gf], k, "cosine" if metric == "cosine" else "sqeuclidean", block, num_q, out, dev)
 
-    def original(d: torch.Tensor) -> torch.Tensor:  # the reference squares the given distance
-        return d.clamp_min(0) if metric == "euclidean" else d.clamp(0, 2) ** 2
+    def original(d: torch.Tensor) -> torch.Tensor:
+        # The reference squares the float32 distance it is given: sqrt, then square, both rounded as
+        # there (not the same as |x - y|^2 in the last bit, which decides near-ties in the top k).
+        return d.clamp_min(0).sqrt().square() if metric == "euclidean" else d.clamp(0, 2) ** 2
 
     row_max = original(nb.row_max).clamp_min(1e-12)
     rank = nb.index.cpu().numpy()
