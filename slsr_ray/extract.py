@@ -410,3 +410,48 @@ def load_features(output_dir: str) -> tuple[pa.Table, np.ndarray]:
         table = table.sort_by("row_index")
     X = feature_matrix(table)
     return table.drop_columns(["feature"]), X
+
+
+def _finished_shards(output_dir: str) -> list[str]:
+    if not is_complete(output_dir):
+        raise ExtractError(
+            f"{output_dir} is not a finished feature extraction (no {SUCCESS_MARKER} marker): "
+            "it is missing or was interrupted; run the extraction again"
+        )
+    return [storage.join(output_dir, f) for f in storage.listdir(output_dir) if f.endswith(".parquet")]
+
+
+def load_feature_table(output_dir: str) -> pa.Table:
+    """Every column of a finished extraction but ``feature``, in manifest order, without reading the
+    features (what a figure needs to pick its rows on a large run)."""
+    files = _finished_shards(str(output_dir))
+    schema = storage.read_table(files[0]).schema if files else None
+    columns = [c for c in (schema.names if schema else []) if c != "feature"]
+    table = pa.concat_tables([storage.read_table(f, columns=columns) for f in files])
+    return table.sort_by("row_index") if "row_index" in table.column_names else table
+
+
+def iter_feature_shards(output_dir: str, columns: tuple[str, ...] = ("row_index", "feature")):
+    """(manifest row positions, float32 features) of each shard of a finished extraction, one at a time."""
+    for f in _finished_shards(str(output_dir)):
+        shard = storage.read_table(f, columns=list(columns))
+        yield shard["row_index"].to_numpy(), feature_matrix(shard)
+
+
+def load_feature_rows(output_dir: str, rows) -> np.ndarray:
+    """float32 [len(rows), D] features of the manifest rows ``rows`` (distinct positions, in that order),
+    read one shard at a time: memory is one shard plus the rows asked for, not the whole feature matrix."""
+    rows = np.asarray(rows, dtype=np.int64)
+    where = {int(r): i for i, r in enumerate(rows)}
+    out: np.ndarray | None = None
+    found = 0
+    for idx, X in iter_feature_shards(output_dir):
+        hit = np.flatnonzero(np.isin(idx, rows))
+        if out is None and len(X):
+            out = np.zeros((len(rows), X.shape[1]), np.float32)
+        for k in hit:
+            out[where[int(idx[k])]] = X[k]
+        found += len(hit)
+    if out is None or found < len(where):
+        raise ExtractError(f"{output_dir}: {len(where) - found} of the {len(where)} rows asked for are not in its shards")
+    return out

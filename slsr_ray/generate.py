@@ -3,7 +3,10 @@ gives them the cluster's sparse label).
 
 Artifacts under the generation ``out_dir`` (a local path or ``s3://`` URI)::
 
-    out_dir/images/c{c}/000000.jpg ...   generated images, resized to the re-id shape (h, w)
+    out_dir/images/c{c}/000000-001024.tar ...   generated images, resized to the re-id shape (h, w), as
+                                         JPEGs in tar shards of ``shard_size`` (one object per shard,
+                                         so few PUTs on S3); the manifest path of image i is
+                                         ``<shard>#<i:06d>.jpg`` (``data.read_image`` reads it)
     out_dir/manifest.parquet             MANIFEST_SCHEMA rows (pid -1, camid -1, source "generated",
                                          cluster c) plus ``generator`` (the checkpoint URI)
     out_dir/generation.json              seed, sizes and checkpoint digests (guards resumption)
@@ -72,9 +75,13 @@ def find_checkpoints(gan_dir: str) -> dict[int, str]:
 
 def _generate_cluster(
     ckpt_uri: str, cluster: int, count: int, out_dir: str, seed: int, image_size: tuple[int, int],
-    batch_size: int, quality: int,
+    batch_size: int, quality: int, shard_size: int = 1024,
 ) -> list[str]:
-    """Write images 0..count-1 of one cluster (skipping files already there); returns their URIs."""
+    """Write images 0..count-1 of one cluster as tar shards of ``shard_size`` JPEGs (one object each where
+    one file per image made 12,000 small S3 PUTs for Market, and as many GETs per training epoch),
+    skipping shards already there; returns the images' manifest paths (``<shard>#NNNNNN.jpg``)."""
+    import tarfile
+
     from .gpu import device_for, gpu_assigned
 
     device = device_for(gpu_assigned(), "generation task")
@@ -85,28 +92,43 @@ def _generate_cluster(
     G.to(device).eval()  # eval: BatchNorm running stats, so an image does not depend on its batch mates
     img_dir = layout.generated_images_dir(out_dir, cluster)
     existing = set(storage.listdir(img_dir))
-    names = [f"{i:06d}.jpg" for i in range(count)]
     h, w = image_size
+    shard_size = max(1, -(-shard_size // batch_size)) * batch_size  # whole, aligned batches per shard
 
-    def write(i: int, arr: np.ndarray) -> None:
+    def encode(arr: np.ndarray) -> bytes:
         img = Image.fromarray(arr)
         if img.size != (w, h):
             img = img.resize((w, h), Image.BICUBIC)
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=quality)
-        storage.write_bytes(storage.join(img_dir, names[i]), buf.getvalue())
+        return buf.getvalue()
 
+    paths, wanted = [], set()
     with ThreadPoolExecutor(8) as pool:
-        for start in range(0, count, batch_size):
-            todo = [i for i in range(start, min(start + batch_size, count)) if names[i] not in existing]
-            if not todo:
+        for start in range(0, count, shard_size):
+            stop = min(start + shard_size, count)
+            shard = layout.generated_shard(out_dir, cluster, start, stop)
+            names = [f"{i:06d}.jpg" for i in range(start, stop)]
+            paths += [layout.shard_member(shard, n) for n in names]
+            wanted.add(os.path.basename(shard))
+            if os.path.basename(shard) in existing:
                 continue
-            # Always run full, aligned batches: image i is then computed bit-identically whatever `count` is.
-            z = generation_noise(seed, cluster, range(start, start + batch_size), arch.nz).to(device)
-            with torch.no_grad():
-                imgs = G(z).add_(1).mul_(127.5).round_().clamp_(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
-            list(pool.map(write, todo, [imgs[i - start] for i in todo]))
-    return [storage.join(img_dir, n) for n in names]
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for b0 in range(start, stop, batch_size):
+                    # Always full, aligned batches: image i is then computed bit-identically whatever `count` is.
+                    z = generation_noise(seed, cluster, range(b0, b0 + batch_size), arch.nz).to(device)
+                    with torch.no_grad():
+                        imgs = G(z).add_(1).mul_(127.5).round_().clamp_(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
+                    for i, data in zip(range(b0, min(b0 + batch_size, stop)), pool.map(encode, imgs[: stop - b0]),
+                                       strict=True):
+                        info = tarfile.TarInfo(names[i - start])  # mtime 0, no owner: the same bytes every run
+                        info.size, info.mode = len(data), 0o644
+                        tar.addfile(info, io.BytesIO(data))
+            storage.write_bytes(shard, buf.getvalue())
+    for stale in existing - wanted:  # shards of another count (their last shard differs) or single images
+        storage.remove(storage.join(img_dir, stale))
+    return paths
 
 
 _generate_cluster_task = ray.remote(_generate_cluster)
@@ -129,6 +151,7 @@ def generate_images(
     image_size: tuple[int, int] = (128, 64),
     batch_size: int = 64,
     quality: int = 95,
+    shard_size: int = 1024,
     use_ray: bool | None = None,
     progress: bool = True,
 ) -> str:
@@ -136,8 +159,9 @@ def generate_images(
 
     The count is split across clusters proportionally to their training-set size (``"equal"``: the
     same number each). Image i of cluster c depends only on (seed, c, i) and the checkpoint, so the
-    same seed gives the same images and a smaller count gives a prefix of a larger one. Files already
-    in ``out_dir`` are skipped (resumable); ``out_dir`` refuses images from other checkpoints or seeds.
+    same seed gives the same images and a smaller count gives a prefix of a larger one. Images are
+    written ``shard_size`` to a tar shard per cluster (one object per shard); shards already in
+    ``out_dir`` are skipped (resumable); ``out_dir`` refuses images from other checkpoints or seeds.
     ``image_size`` is the (height, width) of the files: the square GAN output is resized to the re-id
     shape. With ``use_ray`` (default: when Ray is initialised) clusters are generated as parallel Ray
     tasks, on a GPU each when the cluster has them.
@@ -148,6 +172,8 @@ def generate_images(
         raise ValueError(f"count (images to generate) must be a positive integer, got {count!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     h, w = (int(image_size[0]), int(image_size[1]))
     if h < 1 or w < 1:
         raise ValueError(f"image_size must be (height, width) > 0, got {image_size}")
@@ -160,12 +186,14 @@ def generate_images(
         "batch_size": int(batch_size),
         "image_size": [h, w],
         "quality": int(quality),
+        "shard_size": int(shard_size),
         "checkpoints": {
             str(c): {"uri": u, "sha256": meta[c]["sha256"], "epoch": meta[c]["epoch"]} for c, u in ckpts.items()
         },
     }
     _claim_output(out_dir, identity, counts)
-    jobs = {c: (ckpts[c], c, n, out_dir, int(seed), (h, w), int(batch_size), int(quality)) for c, n in counts.items() if n}
+    jobs = {c: (ckpts[c], c, n, out_dir, int(seed), (h, w), int(batch_size), int(quality), int(shard_size))
+            for c, n in counts.items() if n}
     paths = _run_jobs(jobs, ray.is_initialized() if use_ray is None else use_ray,
                       tqdm(total=len(jobs), desc=f"generating {count} images", unit="cluster", disable=not progress))
     manifest = layout.generated_manifest(out_dir)

@@ -9,7 +9,7 @@ A run root (local folder or ``s3://`` prefix) holds one folder per stage::
     <root>/cluster/k{K}/              step 3: assignments.parquet, membership.json, centroids.npy
     <root>/cluster/{silhouette,summary}.json
     <root>/gan/c{c}/                  step 4: ckpt.pt, losses.json, samples.png (gan/gan.json: all clusters)
-    <root>/generate/manifest.parquet  step 5: and images/c{c}/NNNNNN.jpg
+    <root>/generate/manifest.parquet  step 5: and images/c{c}/SSSSSS-EEEEEE.tar (shards of JPEGs)
     <root>/train/<strategy>/model.pt  step 6 (and metrics.json)
     <root>/evaluate/<strategy>/{plain,rerank}.json, features/
     <root>/report/                    report.md, report.html, figures
@@ -45,6 +45,8 @@ GAN_SAMPLES = "samples.png"
 GAN_SUMMARY = "gan.json"
 GENERATED_MANIFEST = "manifest.parquet"
 GENERATION_INFO = "generation.json"
+SHARD_SUFFIX = ".tar"  # generated images: one tar of JPEGs per shard_size images of a cluster (one PUT each)
+SHARD_SEP = "#"
 RUN_CONFIG = "config.json"
 STAGE_MARKER = "_STAGE.json"
 REPORT_SUMMARY = "summary.json"
@@ -99,6 +101,22 @@ def gan_samples(gan_dir: str, cluster: int) -> str:
 
 def generated_images_dir(generate_dir: str, cluster: int) -> str:
     return storage.join(generate_dir, "images", f"c{int(cluster)}")
+
+
+def generated_shard(generate_dir: str, cluster: int, start: int, stop: int) -> str:
+    """The tar shard holding generated images ``start..stop-1`` of one cluster (members ``NNNNNN.jpg``)."""
+    return storage.join(generated_images_dir(generate_dir, cluster), f"{int(start):06d}-{int(stop):06d}{SHARD_SUFFIX}")
+
+
+def shard_member(shard: str, name: str) -> str:
+    """The manifest path of one image inside a shard: ``<shard>#<name>`` (read by ``data.read_image``)."""
+    return f"{shard}{SHARD_SEP}{name}"
+
+
+def split_shard_member(uri: str) -> tuple[str, str] | None:
+    """``(shard, member name)`` of a :func:`shard_member` path, None for a plain file path."""
+    shard, sep, name = str(uri).rpartition(SHARD_SEP)
+    return (shard, name) if sep and shard.endswith(SHARD_SUFFIX) and name else None
 
 
 def generated_manifest(generate_dir: str) -> str:

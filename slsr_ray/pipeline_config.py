@@ -14,7 +14,7 @@ from .gan import GanConfig
 from .train import TrainConfig
 from .validate import validate_config
 
-PRESETS = ("synthetic", "market1501", "dukemtmcreid", "cuhk03", "viper", "msmt17")
+PRESETS = ("synthetic", "market1501", "dukemtmcreid", "cuhk03", "viper", "msmt17", "scale")
 GENERATED_STRATEGIES = ("lsr", "lsro", "all_in_one", "pseudo", "slsr")
 # lsr smooths real labels only: it needs no generated images (the paper's LSR baseline)
 USES_GENERATED = ("lsro", "all_in_one", "pseudo", "slsr")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import time
 
@@ -17,7 +16,7 @@ from typer.testing import CliRunner
 
 from slsr_ray import storage
 from slsr_ray.cli import app
-from slsr_ray.data import MANIFEST_SCHEMA, read_image_array
+from slsr_ray.data import MANIFEST_SCHEMA, read_image, read_image_array, read_image_bytes
 from slsr_ray.gan import (
     COLLAPSE_DIVERSITY,
     GanCheckpointError,
@@ -119,19 +118,19 @@ def test_generate_manifest_split_prefix_and_resume(trained, tmp_path):
     for row in m.to_pylist():
         assert row["generator"] == os.path.join(gan_dir, f"c{row['cluster']}", "ckpt.pt")
         assert f"{os.sep}c{row['cluster']}{os.sep}" in row["path"]
-        assert Image.open(row["path"]).size == (32, 64)  # resized back to the re-id shape (w, h)
+        assert read_image(row["path"]).size == (32, 64)  # resized back to the re-id shape (w, h)
 
     # Prefix: a smaller count with the same seed gives byte-identical first images of every cluster.
     small = storage.read_table(
         generate_images(gan_dir, str(tmp_path / "small"), 7, seed=3, image_size=(64, 32), batch_size=8, progress=False)
     )
-    big_paths = {(r["cluster"], os.path.basename(r["path"])): r["path"] for r in m.to_pylist()}
+    big_paths = {(r["cluster"], r["path"].rsplit("#", 1)[1]): r["path"] for r in m.to_pylist()}
     for r in small.to_pylist():
-        assert storage.read_bytes(r["path"]) == storage.read_bytes(big_paths[(r["cluster"], os.path.basename(r["path"]))])
+        assert read_image_bytes(r["path"]) == read_image_bytes(big_paths[(r["cluster"], r["path"].rsplit("#", 1)[1])])
 
-    # Resumable: a deleted image is regenerated identically; the others are not rewritten.
-    rows = m.to_pylist()
-    victim, keeper = rows[0]["path"], rows[-1]["path"]
+    # Resumable: a deleted shard is regenerated identically; the others are not rewritten.
+    shards = sorted({r["path"].rsplit("#", 1)[0] for r in m.to_pylist()})
+    victim, keeper = shards[0], shards[-1]
     victim_bytes = storage.read_bytes(victim)
     keeper_mtime = os.stat(keeper).st_mtime_ns
     os.remove(victim)
@@ -145,8 +144,8 @@ def test_generate_manifest_split_prefix_and_resume(trained, tmp_path):
     # A different seed gives different images.
     other = storage.read_table(generate_images(gan_dir, str(tmp_path / "s4"), 3, seed=4, batch_size=8, progress=False))
     first = other.to_pylist()[0]
-    assert storage.read_bytes(first["path"]) != storage.read_bytes(
-        big_paths[(first["cluster"], os.path.basename(first["path"]))])
+    assert read_image_bytes(first["path"]) != read_image_bytes(
+        big_paths[(first["cluster"], first["path"].rsplit("#", 1)[1])])
 
 
 def test_generate_equal_split_and_bad_counts(trained, tmp_path):
@@ -257,8 +256,9 @@ def test_s3_run_root(ray_session, clusters, s3_bucket):
     manifest = generate_images(gan_dir, f"{s3_bucket}/run/generated", 5, progress=False)
     m = storage.read_table(manifest)
     assert m.num_rows == 5 and all(p.startswith(f"{s3_bucket}/run/generated/images/c") for p in m["path"].to_pylist())
-    img = Image.open(io.BytesIO(storage.read_bytes(m["path"][0].as_py())))
+    img = read_image(m["path"][0].as_py())
     assert img.size == (64, 128)
+    assert len(storage.listdir(f"{s3_bucket}/run/generated/images/c1")) == 1  # 5 images, one shard object
 
 
 def test_cli_train_and_generate(ray_session, clusters, tmp_path):

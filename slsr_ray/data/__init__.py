@@ -15,7 +15,7 @@ from .base import (
     relabel,
     to_manifest,
 )
-from .images import ImageReadError, decode_image, read_image, read_image_array
+from .images import ImageReadError, decode_image, read_image, read_image_array, read_image_bytes
 from .synthetic import make_synthetic
 
 DATASETS = ("market1501", "dukemtmcreid", "msmt17", "cuhk03", "viper", "folder", "synthetic")
@@ -86,6 +86,7 @@ __all__ = [
     "make_table",
     "read_image",
     "read_image_array",
+    "read_image_bytes",
     "relabel",
     "to_manifest",
 ]

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import io
+import os
+import tarfile
+import threading
+from collections import OrderedDict
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .. import storage
+from .. import layout, storage
 from ..errors import SlsrError
+
+# Generated images live in tar shards (``<shard>.tar#<member>`` paths, see layout.shard_member): a process
+# reads a shard once and keeps its members, up to this many MB of shards (least recently used go first).
+SHARD_CACHE_ENV = "SLSR_SHARD_CACHE_MB"
+_shards: OrderedDict[str, dict[str, bytes]] = OrderedDict()
+_shard_sizes: dict[str, int] = {}
+_shard_lock = threading.Lock()
 
 
 class ImageReadError(SlsrError, ValueError):
@@ -38,12 +49,45 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray((np.clip(arr.astype(np.int64), 0, 65535) >> 8).astype(np.uint8))
 
 
-def read_image(uri: str) -> Image.Image:
+def _shard_members(shard: str) -> dict[str, bytes]:
+    """Every member of a tar shard (read once per process, then from the cache)."""
+    with _shard_lock:
+        members = _shards.get(shard)
+        if members is not None:
+            _shards.move_to_end(shard)
+            return members
+    data = storage.read_bytes(shard)
     try:
-        data = storage.read_bytes(uri)
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    except tarfile.TarError as e:
+        raise ImageReadError(f"{shard}: not a readable image shard ({e})") from e
+    limit = float(os.environ.get(SHARD_CACHE_ENV) or 512) * 1024 * 1024
+    with _shard_lock:
+        _shards[shard], _shard_sizes[shard] = members, len(data)
+        while sum(_shard_sizes.values()) > limit and len(_shards) > 1:
+            old, _ = _shards.popitem(last=False)
+            _shard_sizes.pop(old, None)
+    return members
+
+
+def read_image_bytes(uri: str) -> bytes:
+    """The bytes of an image file, or of one image inside a generated-image shard (``<shard>.tar#name``)."""
+    try:
+        member = layout.split_shard_member(uri)
+        if member is None:
+            return storage.read_bytes(uri)
+        shard, name = member
+        members = _shard_members(shard)
     except storage.StorageError as e:
         raise ImageReadError(str(e)) from e
-    return decode_image(data, uri)
+    if name not in members:
+        raise ImageReadError(f"{uri}: the shard {shard} has no image {name}")
+    return members[name]
+
+
+def read_image(uri: str) -> Image.Image:
+    return decode_image(read_image_bytes(uri), uri)
 
 
 def read_image_array(uri: str, size: tuple[int, int] | None = None) -> np.ndarray:

@@ -67,26 +67,28 @@ def dataset_samples(run_root: str, split: str = "train", num_ids: int = 6, seed:
 
 def feature_pca(run_root: str, k: int | None = None, max_points: int = 5000, seed: int = 0) -> Figure:
     """PCA (2-D) of the pretrained model's training features, coloured by k-means cluster, with the
-    cluster centroids projected the same way."""
+    cluster centroids projected the same way. The PCA is fitted on (and shows) a seeded sample of at
+    most ``max_points`` images, whose features alone are read: a large run's feature matrix is never loaded."""
     from sklearn.decomposition import PCA
 
-    from ..extract import load_features
+    from ..extract import load_feature_rows, load_feature_table
 
     run = RunLayout(run_root)
     feat_dir = run.features
     _require(run.marker("extract"), "feature_pca", "extract")
     k = chosen_k(run_root) if k is None else int(k)
     assign = storage.read_table(_require(run.assignments(k), "feature_pca", "cluster"), columns=["path", "cluster"])
-    table, feats = load_features(feat_dir)
+    table = load_feature_table(feat_dir)
     cluster_of = dict(zip(assign["path"].to_pylist(), assign["cluster"].to_pylist(), strict=True))
     paths = table["path"].to_pylist()
     missing = [p for p in paths if p not in cluster_of]
     if missing:
         raise ValueError(f"{len(missing)} feature rows (e.g. {missing[0]}) have no cluster in {run.assignments(k)}")
     labels = np.array([cluster_of[p] for p in paths])
+    rows = _sample(len(paths), max_points, seed)
+    feats = load_feature_rows(feat_dir, rows)
     pca = PCA(n_components=2, random_state=seed).fit(feats)
-    rows = _sample(len(feats), max_points, seed)
-    xy = pca.transform(feats[rows])
+    xy = pca.transform(feats)
     cen_uri = run.centroids(k)
     centroids = np.load(io.BytesIO(storage.read_bytes(cen_uri))) if storage.exists(cen_uri) else None
     plt = _plt()
@@ -107,8 +109,8 @@ def feature_pca(run_root: str, k: int | None = None, max_points: int = 5000, see
     ax.grid(alpha=0.3)
     return Figure(
         "feature_pca", "Features coloured by cluster (PCA)",
-        f"The step-1 model's {feats.shape[1]}-d features of {len(feats)} training images projected on their first "
-        f"two principal components; colours are the K = {k} k-means clusters.",
+        f"The step-1 model's {feats.shape[1]}-d features of {len(feats)} of the {len(paths)} training images projected "
+        f"on their first two principal components; colours are the K = {k} k-means clusters.",
         _png(fig), {"k": k, "xy": xy.tolist(), "cluster": labels[rows].tolist(), "rows": rows.tolist(),
                     "explained_variance_ratio": ev.tolist(),
                     "centroids_xy": cen_xy.tolist() if cen_xy is not None else None},

@@ -125,12 +125,12 @@ def ranked_gallery(run_root: str, strategy: str | None = None, query_index: int 
     correct matches. The evaluation's own numbers are in ``evaluate/<strategy>/rerank.json``."""
     # Long because distances, the query's ranked row and the montage are one figure's steps and share every array.
     from ..evaluate import compute_distance_matrix, re_ranking_features
-    from ..extract import load_features
+    from ..extract import iter_feature_shards, load_feature_rows, load_feature_table
 
     strategy = strategy or run_strategies(run_root)[0]
     feat_dir = RunLayout(run_root).evaluation_features(strategy)
     _require(RunLayout(run_root).marker(f"evaluate/{strategy}"), "ranked_gallery", f"evaluate/{strategy}")
-    table, feats = load_features(feat_dir)
+    table = load_feature_table(feat_dir)  # every row but no features: a large run's matrix is never loaded
     split = np.asarray(table["split"].to_pylist())
     q_rows, g_rows = np.flatnonzero(split == "query"), np.flatnonzero(split == "gallery")
     pids, cams, paths = table["pid"].to_numpy(), table["camid"].to_numpy(), table["path"].to_pylist()
@@ -140,14 +140,22 @@ def ranked_gallery(run_root: str, strategy: str | None = None, query_index: int 
     chosen = _sample(len(q_rows), max_queries, seed)
     if query_index is not None and query_index not in chosen:
         chosen = np.sort(np.append(chosen[:-1] if len(chosen) >= max_queries else chosen, query_index))
-    qf, gf = feats[q_rows[chosen]], feats[g_rows]
-    plain = compute_distance_matrix(qf, gf, metric=ev["metric"])
+    qf = load_feature_rows(feat_dir, q_rows[chosen])
+    # the sampled queries' distances to the whole gallery, one feature shard at a time
+    g_pos = np.full(table.num_rows, -1, np.int64)
+    g_pos[g_rows] = np.arange(len(g_rows))
+    plain = np.empty((len(chosen), len(g_rows)), np.float32)
+    for idx, X in iter_feature_shards(feat_dir):
+        sel = g_pos[idx] >= 0
+        if sel.any():
+            plain[:, g_pos[idx[sel]]] = compute_distance_matrix(qf, X[sel], metric=ev["metric"])
     near = np.arange(len(g_rows))
     if len(near) > max_gallery:  # the gallery images nearest to any sampled query; the rest ranks last
         near = np.sort(np.argsort(plain.min(0), kind="stable")[:max_gallery])
     rerank = np.full_like(plain, np.inf)
-    rerank[:, near] = re_ranking_features(qf, gf[near], k1=int(ev["k1"]), k2=int(ev["k2"]),
-                                          lambda_value=float(ev["lambda_value"]), metric=ev["metric"])
+    rerank[:, near] = re_ranking_features(qf, load_feature_rows(feat_dir, g_rows[near]), k1=int(ev["k1"]),
+                                          k2=int(ev["k2"]), lambda_value=float(ev["lambda_value"]),
+                                          metric=ev["metric"])
     g_pids, g_cams = pids[g_rows], cams[g_rows]
 
     def top(i: int, dist: np.ndarray) -> np.ndarray:

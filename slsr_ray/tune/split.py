@@ -64,7 +64,7 @@ _INDEX_RE = re.compile(r"(\d+)\.[A-Za-z]+$")
 
 
 def image_index(path: str) -> int:
-    """Index i of a generated image (its file is ``images/c{c}/{i:06d}.jpg``)."""
+    """Index i of a generated image (``images/c{c}/<shard>.tar#{i:06d}.jpg``; an older run's ``images/c{c}/{i:06d}.jpg`` reads the same)."""
     m = _INDEX_RE.search(path)
     if not m:
         raise ValueError(f"generated image {path!r} is not named <index>.<ext>")
