@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from slsr_ray import storage
+from slsr_ray.data.images import read_image_bytes
 from slsr_ray.pipeline import load_config, run_pipeline
 from slsr_ray.stages import read_record
 
@@ -145,7 +146,7 @@ def test_same_seed_same_numbers(tiny_run_root, tiny_job_run):
     assert read(roots[0], "cluster/k2/membership.json") == read(roots[1], "cluster/k2/membership.json")
     ga, gb = (storage.read_table(storage.join(r, "generate/manifest.parquet")) for r in roots)
     assert ga["cluster"].to_pylist() == gb["cluster"].to_pylist()
-    digest = [[hashlib.sha256(storage.read_bytes(p)).hexdigest() for p in g["path"].to_pylist()] for g in (ga, gb)]
+    digest = [[hashlib.sha256(read_image_bytes(p)).hexdigest() for p in g["path"].to_pylist()] for g in (ga, gb)]
     assert digest[0] == digest[1]
     assert _sha(storage.join(roots[0], "train/slsr/model.pt")) == _sha(storage.join(roots[1], "train/slsr/model.pt"))
 
