@@ -139,6 +139,7 @@ def _interleaved(runs: dict, repeat: int) -> dict:
         for name, fn in runs.items():
             load = os.getloadavg()[0]  # a shared machine: how busy it was when this run started
             results[name].append({**fn(), "load_1m": load})
+            print(f"  {name}: {results[name][-1]['seconds']:.3f} s (load {load:.1f})", flush=True)
     out = {}
     for name, rs in results.items():
         best = dict(min(rs, key=lambda r: r["seconds"]))
@@ -234,6 +235,7 @@ def run(size: str = "small", repeat: int = REPEAT, sklearn_max_n: int | None = N
     for n in SIZES[size]:
         X = make_data(n)
         for k in KS:
+            print(f"n={n} k={k}", flush=True)
             rows += _rows_for(X, k, size, cpus, repeat, sklearn=sklearn_max_n is None or n <= sklearn_max_n)
         del X
     return rows
