@@ -317,8 +317,10 @@ def _await_trainings(actors: dict, clusters: list[int], cfg: GanConfig, results:
         for c in [c for c, t in resend_at.items() if t <= now]:
             del resend_at[c]
             refs[actors[c].train.remote(cfg.epochs)] = c
-        done, _ = ray.wait(list(refs), num_returns=1, timeout=2.0) if refs else ([], None)
-        if not refs:
+        if refs:
+            done, _ = ray.wait(list(refs), num_returns=1, timeout=2.0)
+        else:  # only re-sends are due: wait for the first of them
+            done = []
             time.sleep(0.5)
         for ref in done:
             c = refs.pop(ref)
