@@ -31,6 +31,7 @@ import torch
 
 from slsr_ray import storage
 from slsr_ray.data import read_image
+from slsr_ray.data.images import read_image_bytes
 from slsr_ray.extract import ExtractConfig, extract_features, is_complete, load_features
 from slsr_ray.generate import generate_images
 from slsr_ray.models import ModelConfig, build_model, load_model, save_checkpoint
@@ -197,7 +198,7 @@ def test_downstream_generated_manifest_is_complete_and_identical_to_a_fresh_one(
     fresh = storage.read_table(fresh)
     assert manifest["cluster"].to_pylist() == fresh["cluster"].to_pylist()
     for a, b in zip(paths, fresh["path"].to_pylist(), strict=True):
-        assert Path(a).parts[-2:] == Path(b).parts[-2:] and Path(a).read_bytes() == Path(b).read_bytes(), a
+        assert Path(a).parts[-2:] == Path(b).parts[-2:] and read_image_bytes(a) == read_image_bytes(b), a
 
 
 def test_no_credentials_in_the_driver_log_or_run_artifacts(killed_run):
