@@ -73,10 +73,16 @@ def second_ray():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_pipeline_console_is_short_and_ray_logs_go_to_the_run_root(second_ray, tiny_overrides, tmp_path):
+def test_pipeline_console_is_short_and_ray_logs_go_to_the_run_root(second_ray, tiny_run_root, tmp_path):
+    """`slsr run --from gan` on a copy of the session's shared run: the first four stages are done (a
+    line each), the rest run (the GANs, generation, two Ray Train trainings, two evaluations)."""
+    from conftest import TINY_RUN
+
     run_root = tmp_path / "run"
-    sets = [a for o in tiny_overrides for a in ("--set", o)]
-    out = _slsr("run", "--run-root", str(run_root), *sets)
+    shutil.copytree(tiny_run_root[0].run_root, run_root)
+    shutil.rmtree(run_root / "logs", ignore_errors=True)  # the copied run's own Ray log
+    sets = [a for o in TINY_RUN for a in ("--set", o)]
+    out = _slsr("run", "--run-root", str(run_root), "--from", "gan", *sets)
     console = out.stdout
     assert out.returncode == 0, console[-4000:]
     assert second_ray.poll() is None, "the second Ray must have been running the whole time"
@@ -86,11 +92,13 @@ def test_pipeline_console_is_short_and_ray_logs_go_to_the_run_root(second_ray, t
         assert noise not in console, noise
     log = run_root / "logs" / "ray.log"
     assert [ln for ln in lines if "Ray logs:" in ln] == [f"[slsr] Ray logs: {log}  (slsr -v shows them here)"]
-    # one line per stage, and each training's epoch metrics once (rank 0 of 2 workers)
-    for stage in ("prepare", "pretrain", "extract", "cluster", "gan", "generate", "train/slsr", "evaluate/none"):
+    # one line per stage, and each training's epoch metrics once
+    for stage in ("prepare", "pretrain", "extract", "cluster"):
+        assert sum(ln.startswith(f"[slsr] {stage} ") and "done (skipped)" in ln for ln in lines) == 1, stage
+    for stage in ("gan", "generate", "train/slsr", "train/none", "evaluate/slsr", "evaluate/none"):
         assert sum(ln.startswith(f"[slsr] {stage} ") and "finished in" in ln for ln in lines) == 1, stage
     epochs = [ln for ln in lines if "epoch 1/1" in ln]
-    assert [ln.split()[1] for ln in epochs] == ["pretrain", "train/slsr", "train/none"], epochs
+    assert [ln.split()[1] for ln in epochs] == ["train/slsr", "train/none"], epochs
     assert "| slsr | no |" in console and "| none | yes |" in console
     # Ray's lines are in the log file, with the workers' output; and Ray Train's placement-group cleaner
     # reached the state API even with a second Ray on the machine

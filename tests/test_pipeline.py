@@ -83,9 +83,10 @@ def test_yaml_file_config(tmp_path):
     assert cfg.run_root == str(tmp_path / "run")
 
 
-def test_hashes_chain_downstream_only():
+@pytest.mark.parametrize("change", ["gan.epochs=3", "gan.lr=0.001", "gan.seed=3"])
+def test_hashes_chain_downstream_only(change):
     base = load_config("synthetic")
-    changed = load_config("synthetic", ["gan.epochs=3"])
+    changed = load_config("synthetic", [change])
     a, b = stage_hashes(base), stage_hashes(changed)
     for stage in ("prepare", "pretrain", "extract", "cluster", "train/none", "evaluate/none"):
         assert a[stage] == b[stage], stage  # the real-only baseline does not depend on the GANs

@@ -84,13 +84,11 @@ def test_changed_settings_retrain_what_depends_on_them(ray_session, tiny_run_roo
     s2 = run("train.lam=0.5", "train.lr=0.02")
     differ(s1, s2, ["train/slsr", "train/none"])
     same(s1, s2, [*upstream, "gan", "gan@", "generate@"])
-    # the GAN's lr and seed: new GANs, new images, a new SLSR model; the baseline stays
-    s3 = run("train.lam=0.5", "train.lr=0.02", "gan.lr=0.001")
-    differ(s2, s3, ["gan", "generate@", "train/slsr"])
-    same(s2, s3, [*upstream, "train/none", "train/none@"])
+    # a GAN setting: new GANs, new images, a new SLSR model; the baseline stays (that each GAN setting
+    # reaches the GAN stage's hash is test_pipeline.py::test_hashes_chain_downstream_only, in microseconds)
     s4 = run("train.lam=0.5", "train.lr=0.02", "gan.lr=0.001", "gan.seed=3")
-    differ(s3, s4, ["gan", "generate@", "train/slsr"])
-    same(s3, s4, [*upstream, "train/none@"])
+    differ(s2, s4, ["gan", "generate@", "train/slsr"])
+    same(s2, s4, [*upstream, "train/none", "train/none@"])
     # K: a new clustering with three GANs; the features are not extracted again
     s5 = run("train.lam=0.5", "train.lr=0.02", "gan.lr=0.001", "gan.seed=3", "cluster.k=3")
     differ(s4, s5, ["cluster@", "gan", "train/slsr"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -37,7 +38,6 @@ from typer.testing import CliRunner
 
 from slsr_ray import storage
 from slsr_ray.cli import app
-from slsr_ray.pipeline import load_config, run_pipeline
 
 from . import corpus
 
@@ -60,12 +60,14 @@ def fingerprint(root: str, full: bool = False) -> dict[str, tuple]:
 
 
 @pytest.fixture(scope="module")
-def finished(ray_session, tiny_overrides, tmp_path_factory):
-    """One tiny run with every stage finished (SLSR only), and the fingerprint of all its files."""
+def finished(tiny_run_root, tmp_path_factory):
+    """A tiny run with every stage finished (a copy of the session's shared run: SLSR and the real-only
+    baseline), and the fingerprint of all its files."""
+    from conftest import TINY_RUN
+
     root = str(tmp_path_factory.mktemp("finished-run"))
-    overrides = [*tiny_overrides, "baselines=[]"]
-    run_pipeline(load_config("synthetic", overrides, run_root=root), echo=lambda *_: None)
-    return {"root": root, "overrides": overrides, "full": fingerprint(root, full=True)}
+    shutil.copytree(tiny_run_root[0].run_root, root, dirs_exist_ok=True)
+    return {"root": root, "overrides": list(TINY_RUN), "full": fingerprint(root, full=True)}
 
 
 @pytest.fixture(scope="module")
@@ -374,14 +376,16 @@ def test_damaged_marker_counts_as_not_done_and_is_named(ctx: Ctx, caplog):
 def test_check_prints_the_plan_and_accepts_the_membership_rules(ctx: Ctx):
     result, seconds = invoke(ctx.run_args(command="check"))
     assert result.exit_code == 0 and "config valid" in result.stdout, result.output
-    assert re.findall(r"(done \(skip\)|would run)", result.stdout) == ["done (skip)"] * 8
+    assert re.findall(r"(done \(skip\)|would run)", result.stdout) == ["done (skip)"] * 10
     for rule in ("majority", "any", "min_share"):  # majority is the default: nothing to redo
         result, _ = invoke(ctx.run_args("--set", f"cluster.rule={rule}", "--dry-run"))
         plan = dict(re.findall(r"^(\S+)\s+(done \(skip\)|would run)", result.stdout, re.M))
         redo = "done (skip)" if rule == "majority" else "would run"
         assert plan == {"prepare": "done (skip)", "pretrain": "done (skip)", "extract": "done (skip)",
                         "cluster": redo, "gan": redo, "generate": redo,
-                        "train/slsr": redo, "evaluate/slsr": redo}, result.output
+                        "train/slsr": redo, "evaluate/slsr": redo,
+                        # the real-only baseline does not depend on the clusters
+                        "train/none": "done (skip)", "evaluate/none": "done (skip)"}, result.output
 
 
 def test_valid_weights_pass_the_checks(ctx: Ctx):
@@ -462,5 +466,5 @@ def test_finished_run_is_intact(finished):
     assert fingerprint(finished["root"], full=True) == finished["full"]
     result, _ = invoke(["status", finished["root"]])
     states = re.findall(r"^(\S+)\s+(done|stale|pending|corrupt)\b", result.stdout, re.M)
-    assert len(states) == 8 and {s for _, s in states} == {"done"}, result.output
+    assert len(states) == 10 and {s for _, s in states} == {"done"}, result.output
 
