@@ -7,13 +7,19 @@ inertia and farthest rows. Only ``k x d`` numbers leave a shard per step; the dr
 
 Two ways to run the steps, with the same arithmetic and so the same result (``mode``):
 
-* ``"tasks"``: one Ray task per shard and iteration (the shards stay where they are; a GPU task
-  moves its chunks to the GPU). Costs a task round trip per iteration (~2-10 ms on 2 cores).
+* ``"actors"`` (``"tasks"`` is its old name and means the same): a pool of resident shard actors
+  (:class:`_ShardWorker`, one per group of shards, at most one per free CPU, or one per shard on a GPU
+  share), each placed next to its shards and mapping them once (zero-copy on its node). A Lloyd step
+  is one actor call per worker (centroids in, partial sums out): no task lease or scheduling per
+  iteration. The actors live for one :func:`kmeans` call and are killed when it returns or raises.
+  (It replaced one Ray task per shard and iteration, whose ~40 ms task round trip per iteration on a
+  loaded 2-core machine made it 5-8x slower per iteration than faiss.)
 * ``"local"``: the whole k-means (every restart) in one Ray task that maps all shards (zero-copy on
   one node) and uses all its CPUs -- no per-iteration round trips.
 
 ``"auto"`` picks ``"local"`` up to :data:`LOCAL_MAX_BYTES` of features on a CPU-only cluster
-(``benchmarks/bench_kmeans.py`` measures the crossover) and ``"tasks"`` above it.
+(``benchmarks/bench_kmeans.py`` measures the crossover; benchmarks/RESULTS.md "Issue 17.4") and
+``"actors"`` above it or with GPUs.
 
 Empty clusters are re-seeded after every M-step at the candidate point farthest from every other
 centroid (candidates: each shard's rows farthest from their own centroid, as scikit-learn and faiss
@@ -425,8 +431,8 @@ def _local_cpus() -> int:
 
 def auto_mode(nbytes: int, use_gpu: bool) -> str:
     """What ``mode="auto"`` runs for ``nbytes`` of float32 features: ``"local"`` (one task) up to
-    :data:`LOCAL_MAX_BYTES` on a CPU-only cluster, else ``"tasks"`` (distributed over the shards)."""
-    return "local" if not use_gpu and nbytes <= LOCAL_MAX_BYTES else "tasks"
+    :data:`LOCAL_MAX_BYTES` on a CPU-only cluster, else ``"actors"`` (resident actors over the shards)."""
+    return "local" if not use_gpu and nbytes <= LOCAL_MAX_BYTES else "actors"
 
 
 def kmeans(
@@ -454,7 +460,8 @@ def kmeans(
     iterations (faiss's ``niter``). The restart with the lowest inertia is returned.
     ``use_gpu``: None = run the steps on GPUs when the cluster has them. ``init``: explicit [k, d]
     starting centroids (then a single run, no k-means++). ``mode``: where the steps run (module
-    docstring): ``"auto"``, ``"local"`` (one task) or ``"tasks"`` (a task per shard and iteration).
+    docstring): ``"auto"``, ``"local"`` (one task) or ``"actors"`` (resident shard actors; ``"tasks"``
+    is an alias).
     """
     # Long because Lloyd iterations with restarts and empty-cluster reseeding over shards, one loop.
     import ray
