@@ -19,7 +19,10 @@ Two ways to run the steps, with the same arithmetic and so the same result (``mo
 
 ``"auto"`` picks ``"local"`` up to :data:`LOCAL_MAX_BYTES` of features on a CPU-only cluster
 (``benchmarks/bench_kmeans.py`` measures the crossover; benchmarks/RESULTS.md "Issue 17.4") and
-``"actors"`` above it or with GPUs.
+``"actors"`` above it or with GPUs. Measured on one (heavily loaded) 2-core node, 20k-100k x 2,048:
+an actor-mode Lloyd step takes 0.4-0.8x of faiss's time per iteration, but whole calls of the two
+modes tie (``local`` ahead below 100k: no actor processes to start), so there is no crossover on one
+node in that range; the actors are for features beyond one task's share, and for GPUs.
 
 Empty clusters are re-seeded after every M-step at the candidate point farthest from every other
 centroid (candidates: each shard's rows farthest from their own centroid, as scikit-learn and faiss
@@ -53,7 +56,8 @@ log = logging.getLogger(__name__)
 INIT_SAMPLE_SIZE = 10_000
 
 #: ``mode="auto"`` runs k-means in one Ray task up to this many bytes of features (all shards mapped
-#: by one worker; see the module docstring and benchmarks/RESULTS.md for the measured crossover).
+#: by one worker; 262k x 2,048): on one node the resident actors did not beat it up to 100k x 2,048
+#: (module docstring; benchmarks/RESULTS.md "Issue 17.4").
 LOCAL_MAX_BYTES = 2 * 1024**3
 
 #: ``"tasks"`` is the old name of ``"actors"`` (the distributed mode once ran a task per shard and step).
