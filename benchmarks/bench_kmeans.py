@@ -11,7 +11,7 @@ nearest-centroid search with faiss on the full data, summed in float64) so they 
 Our time is k-means on shards already in the object store (as the cluster stage has them: tasks read
 the feature parquet into it); ``ours_put_s`` is what putting an in-memory array there and checking it
 costs, and ``ratio_with_put`` includes it. Every mode of ours is timed (``local``: the whole k-means
-in one task; ``tasks``: a task per shard and iteration; ``auto`` picks by size) to locate the
+in one task; ``actors``: resident shard actors, an actor call per group of shards and iteration; ``auto`` picks by size) to locate the
 crossover. The peers run inside a Ray task given the same CPUs as ours: Ray runs its workers at
 nice 15, so on a shared machine a peer in the driver would get more CPU than ours. Every timing is
 the minimum of ``REPEAT`` runs, taken in interleaved rounds (ours, faiss, scikit-learn, ours, ...) so
@@ -87,13 +87,13 @@ def _peer(X: np.ndarray, k: int, which: str, fixed: bool, seed: int, cpus: int) 
 
 @contextlib.contextmanager
 def _iteration_probe():
-    """Times every Lloyd step of ``mode="tasks"`` in the driver: the round trip of ``step`` (submit the
-    shard tasks, wait for all), the slowest task's own compute (``seconds`` in its partial result), and
+    """Times every Lloyd step of ``mode="actors"`` in the driver: the round trip of ``step`` (call the
+    resident shard actors, wait for all), the slowest shard's own compute (``seconds`` in its partial result), and
     the reduce (``_m_step``). Yields the dict of lists it fills."""
     import slsr_ray.kmeans as km
 
     times: dict = {"round_trip": [], "task_compute": [], "reduce": []}
-    step, m_step = km._TaskSteps.step, km._m_step
+    step, m_step = km._ActorSteps.step, km._m_step
 
     def timed_step(self, *args):
         t0 = time.perf_counter()
@@ -108,11 +108,11 @@ def _iteration_probe():
         times["reduce"].append(time.perf_counter() - t0)
         return out
 
-    km._TaskSteps.step, km._m_step = timed_step, timed_m_step
+    km._ActorSteps.step, km._m_step = timed_step, timed_m_step
     try:
         yield times
     finally:
-        km._TaskSteps.step, km._m_step = step, m_step
+        km._ActorSteps.step, km._m_step = step, m_step
 
 
 def _ours(shards, k: int, mode: str, fixed: bool, seed: int) -> dict:
@@ -161,7 +161,8 @@ def _init_ray(nbytes: int) -> int:
     return int(ray.cluster_resources().get("CPU", 1))
 
 
-def _rows_for(X: np.ndarray, k: int, size: str, cpus: int, repeat: int, sklearn: bool = True) -> list[dict]:
+def _rows_for(X: np.ndarray, k: int, size: str, cpus: int, repeat: int, sklearn: bool = True,
+              converge: bool = True) -> list[dict]:
     import ray
 
     from slsr_ray.kmeans import auto_mode as pick_mode
@@ -178,17 +179,20 @@ def _rows_for(X: np.ndarray, k: int, size: str, cpus: int, repeat: int, sklearn:
         "faiss": lambda: ray.get(peer.remote(xref, k, "faiss", True, 0, cpus)),
         "sklearn": lambda: ray.get(peer.remote(xref, k, "sklearn", True, 0, cpus)),
         "local": lambda: _ours(shards, k, "local", True, 0),
-        "tasks": lambda: _ours(shards, k, "tasks", True, 0),
+        "actors": lambda: _ours(shards, k, "actors", True, 0),
         "sklearn_conv": lambda: ray.get(peer.remote(xref, k, "sklearn", False, 0, cpus)),
         "auto_conv": lambda: _ours(shards, k, "auto", False, 0),
     }
     if not sklearn:
         del runs["sklearn"], runs["sklearn_conv"]
+    if not converge:
+        runs.pop("sklearn_conv", None)
+        del runs["auto_conv"]
     got = _interleaved(runs, repeat)
     inertia = {name: exact_inertia(X, r["centroids"]) for name, r in got.items()}
     base = {"size": size, "n": n, "d": DIM, "k": k, "cpus": cpus, "ours_put_s": put_s}
     rows = []
-    for mode in ("local", "tasks"):
+    for mode in ("local", "actors"):
         ours = got[mode]
         common = {**base, "name": f"kmeans fixed {ITERS} iters k={k} n={n} mode={mode}"
                   + (" (auto)" if mode == auto_mode else ""), "mode": mode, "auto": mode == auto_mode,
@@ -208,7 +212,7 @@ def _rows_for(X: np.ndarray, k: int, size: str, cpus: int, repeat: int, sklearn:
                          "per_iter_ratio": (ours["seconds"] / ours["iters"]) / (r["seconds"] / r["iters"]),
                          "peer_inertia": inertia[key], "peer_all_load_1m": r["all_load_1m"],
                          "inertia_rel_diff": (inertia[mode] - inertia[key]) / inertia[key]})
-    if "sklearn_conv" not in got:
+    if "sklearn_conv" not in got or "auto_conv" not in got:
         return rows
     ours, sk = got["auto_conv"], got["sklearn_conv"]
     rows.append({**base, "name": f"kmeans to convergence k={k} n={n} mode=auto ({auto_mode})", "mode": auto_mode,
@@ -220,23 +224,27 @@ def _rows_for(X: np.ndarray, k: int, size: str, cpus: int, repeat: int, sklearn:
     return rows
 
 
-def run(size: str = "small", repeat: int = REPEAT, sklearn_max_n: int | None = None) -> list[dict]:
-    """Rows for every N of ``size`` and K in ``KS``: each mode of ours vs faiss and scikit-learn
-    (scikit-learn only up to ``sklearn_max_n`` points when given: it is the slow one)."""
+def run(size: str = "small", repeat: int = REPEAT, sklearn_max_n: int | None = None, ns: tuple | None = None,
+        ks: tuple = KS, converge: bool = True) -> list[dict]:
+    """Rows for every N of ``size`` (or ``ns``) and K in ``ks``: each mode of ours vs faiss and
+    scikit-learn (scikit-learn only up to ``sklearn_max_n`` points when given: it is the slow one;
+    ``converge=False``: the fixed-iteration rows only)."""
     from slsr_ray.kmeans import kmeans
 
     if size not in SIZES:
         raise ValueError(f"size must be one of {list(SIZES)}, got {size!r}")
-    cpus = _init_ray(max(SIZES[size]) * DIM * 4)
+    ns = tuple(ns or SIZES[size])
+    cpus = _init_ray(max(ns) * DIM * 4)
     warm = make_data(2000)
-    for mode in ("local", "tasks"):  # start the Ray workers and their imports outside the timings
+    for mode in ("local", "actors"):  # start the Ray workers and their imports outside the timings
         kmeans(warm, 2, n_init=1, max_iter=2, tol=None, mode=mode)
     rows = []
-    for n in SIZES[size]:
+    for n in ns:
         X = make_data(n)
-        for k in KS:
+        for k in ks:
             print(f"n={n} k={k}", flush=True)
-            rows += _rows_for(X, k, size, cpus, repeat, sklearn=sklearn_max_n is None or n <= sklearn_max_n)
+            rows += _rows_for(X, k, size, cpus, repeat, sklearn=sklearn_max_n is None or n <= sklearn_max_n,
+                              converge=converge)
         del X
     return rows
 
@@ -245,12 +253,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = size_parser(__doc__, SIZES)
     parser.add_argument("--repeat", type=int, default=REPEAT, help="runs per measurement (the minimum is kept)")
     parser.add_argument("--sklearn-max-n", type=int, default=None, help="run scikit-learn only up to this many points")
+    parser.add_argument("--n", type=int, nargs="+", default=None, help="these N instead of the size's")
+    parser.add_argument("--k", type=int, nargs="+", default=list(KS), help="these K (default: 3 5)")
+    parser.add_argument("--fixed-only", action="store_true", help="skip the run-to-convergence rows")
     args = parser.parse_args(argv)
     size = chosen_size(args)
     cols = ["name", "peer", "ours_s", "peer_s", "ratio", "per_iter_ratio", "ours_iters", "peer_iters",
             "ours_per_iter_ms", "peer_per_iter_ms", "iter_round_trip_ms", "iter_task_compute_ms", "inertia_rel_diff",
             "load_avg_1m"]
-    return report("kmeans", size, run(size, args.repeat, args.sklearn_max_n), cols)
+    return report("kmeans", size, run(size, args.repeat, args.sklearn_max_n, args.n, tuple(args.k),
+                                       not args.fixed_only), cols)
 
 
 if __name__ == "__main__":

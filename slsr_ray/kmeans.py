@@ -7,13 +7,22 @@ inertia and farthest rows. Only ``k x d`` numbers leave a shard per step; the dr
 
 Two ways to run the steps, with the same arithmetic and so the same result (``mode``):
 
-* ``"tasks"``: one Ray task per shard and iteration (the shards stay where they are; a GPU task
-  moves its chunks to the GPU). Costs a task round trip per iteration (~2-10 ms on 2 cores).
+* ``"actors"`` (``"tasks"`` is its old name and means the same): a pool of resident shard actors
+  (:class:`_ShardWorker`, one per group of shards, at most one per free CPU, or one per shard on a GPU
+  share), each placed next to its shards and mapping them once (zero-copy on its node). A Lloyd step
+  is one actor call per worker (centroids in, partial sums out): no task lease or scheduling per
+  iteration. The actors live for one :func:`kmeans` call and are killed when it returns or raises.
+  (It replaced one Ray task per shard and iteration, whose ~40 ms task round trip per iteration on a
+  loaded 2-core machine made it 5-8x slower per iteration than faiss.)
 * ``"local"``: the whole k-means (every restart) in one Ray task that maps all shards (zero-copy on
   one node) and uses all its CPUs -- no per-iteration round trips.
 
 ``"auto"`` picks ``"local"`` up to :data:`LOCAL_MAX_BYTES` of features on a CPU-only cluster
-(``benchmarks/bench_kmeans.py`` measures the crossover) and ``"tasks"`` above it.
+(``benchmarks/bench_kmeans.py`` measures the crossover; benchmarks/RESULTS.md "Issue 17.4") and
+``"actors"`` above it or with GPUs. Measured on one (heavily loaded) 2-core node, 20k-100k x 2,048:
+an actor-mode Lloyd step takes 0.4-0.8x of faiss's time per iteration, but whole calls of the two
+modes tie (``local`` ahead below 100k: no actor processes to start), so there is no crossover on one
+node in that range; the actors are for features beyond one task's share, and for GPUs.
 
 Empty clusters are re-seeded after every M-step at the candidate point farthest from every other
 centroid (candidates: each shard's rows farthest from their own centroid, as scikit-learn and faiss
@@ -47,10 +56,12 @@ log = logging.getLogger(__name__)
 INIT_SAMPLE_SIZE = 10_000
 
 #: ``mode="auto"`` runs k-means in one Ray task up to this many bytes of features (all shards mapped
-#: by one worker; see the module docstring and benchmarks/RESULTS.md for the measured crossover).
+#: by one worker; 262k x 2,048): on one node the resident actors did not beat it up to 100k x 2,048
+#: (module docstring; benchmarks/RESULTS.md "Issue 17.4").
 LOCAL_MAX_BYTES = 2 * 1024**3
 
-MODES = ("auto", "local", "tasks")
+#: ``"tasks"`` is the old name of ``"actors"`` (the distributed mode once ran a task per shard and step).
+MODES = ("auto", "local", "actors", "tasks")
 
 #: Bytes of feature rows per chunk of a Lloyd step: the distance GEMM reads a chunk from memory and the
 #: per-cluster sums read it again right after, from the CPU cache when the chunk fits there (a few MB:
@@ -123,17 +134,47 @@ def _partial_step(x: np.ndarray, x_sq: np.ndarray, centroids: np.ndarray, num_fa
     return out
 
 
-def _step_task(shard: np.ndarray, x_sq: np.ndarray, centroids: np.ndarray, num_far: int, want_labels: bool,
-               use_gpu: bool) -> dict:
-    import ray
-    import torch
+class _ShardWorker:
+    """A resident k-means worker (Ray actor) holding a few shards for the whole k-means call.
 
-    gpu = use_gpu and bool(ray.get_gpu_ids()) and torch.cuda.is_available()
-    if use_gpu and not gpu:
-        from .gpu import warn_no_cuda
+    It maps its shards once (``ray.get``: zero-copy when they are on its node, one transfer otherwise)
+    and then serves every Lloyd step as an actor method call: no task lease, scheduling or shard
+    fetch per iteration, only the k x d centroids in and the partial sums out."""
 
-        warn_no_cuda("k-means assignment")  # a GPU task on a node without CUDA: CPU tensors, said once
-    return _partial_step(shard, x_sq, centroids, num_far, want_labels, "cuda" if gpu else None)
+    def __init__(self, refs: list, sq_refs: list, use_gpu: bool, threads: int):
+        import ray
+        import torch
+
+        self.arrays, self.row_sqs = ray.get(list(refs)), ray.get(list(sq_refs))
+        gpu = use_gpu and bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+        if use_gpu and not gpu:
+            from .gpu import warn_no_cuda
+
+            warn_no_cuda("k-means assignment")  # a GPU actor on a node without CUDA: CPU tensors, said once
+        self.device = "cuda" if gpu else None
+        torch.set_num_threads(threads)  # Ray starts workers with OMP_NUM_THREADS = their num_cpus (often 1)
+
+    def step(self, centroids: np.ndarray, num_far: int, want_labels: bool) -> list[dict]:
+        return [_partial_step(a, s, centroids, num_far, want_labels, self.device)
+                for a, s in zip(self.arrays, self.row_sqs, strict=True)]
+
+    def take(self, shard_rows: list[tuple[int, np.ndarray]]) -> list[np.ndarray]:
+        """Rows of this worker's shards: ``(shard index within the worker, local rows)`` pairs."""
+        return [np.array(self.arrays[i][rows], dtype=np.float32) for i, rows in shard_rows]
+
+    def ping(self) -> bool:
+        return True
+
+
+def _placement(refs: list) -> list[str | None]:
+    """The node holding each shard (None where unknown): actors go next to their shards."""
+    try:
+        from ray.experimental import get_object_locations
+
+        locs = get_object_locations(list(refs))
+        return [((locs.get(r) or {}).get("node_ids") or [None])[0] for r in refs]
+    except Exception:  # an experimental API: placement is an optimisation, never a failure
+        return [None] * len(refs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,39 +182,84 @@ def _step_task(shard: np.ndarray, x_sq: np.ndarray, centroids: np.ndarray, num_f
 # --------------------------------------------------------------------------------------------------
 
 
-class _TaskSteps:
-    """Lloyd steps as one Ray task per shard (the shards stay in the object store)."""
+class _ActorSteps:
+    """Lloyd steps on a pool of resident :class:`_ShardWorker` actors (``mode="actors"``/``"tasks"``).
 
-    def __init__(self, shards: _Shards, use_gpu: bool, gpu_per_task: float):
+    The shards are split into ``workers`` contiguous groups (shard order, so the labels concatenate
+    in order); each group's actor is placed (softly) on the node that holds most of its shards. Call
+    :meth:`close` (k-means does, in a ``finally``) to kill the actors."""
+
+    def __init__(self, shards: _Shards, workers: int, use_gpu: bool, gpu_per_actor: float, threads: int):
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
         self.shards = shards
-        self.use_gpu = use_gpu
-        opts = {}
+        nshards = len(shards.refs)
+        bounds = np.linspace(0, nshards, workers + 1).astype(int)
+        self.groups = [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+        where = _placement(shards.refs)
+        opts: dict = {"num_cpus": threads}
         if use_gpu:
             from . import gpu
 
-            # GPU nodes may have few CPUs; max_calls=0: Ray would start a fresh process for every GPU
-            # task (max_calls=1 by default), i.e. new imports and CUDA context per shard and iteration
-            cpus = max(0.01, gpu.cpus_beside(len(shards.refs), gpu_per_task, 1.0))
-            opts = {"num_gpus": gpu_per_task, "num_cpus": cpus, "max_calls": 0}
-        self.task = _remote(_step_task, **opts)
+            opts = {"num_gpus": gpu_per_actor,
+                    "num_cpus": max(0.01, gpu.cpus_beside(len(self.groups), gpu_per_actor, 1.0))}
+        cls = _remote(_ShardWorker, **opts)
+        self.actors = []
+        try:
+            for g in self.groups:
+                nodes = [where[i] for i in g if where[i]]
+                strategy = (NodeAffinitySchedulingStrategy(max(set(nodes), key=nodes.count), soft=True) if nodes
+                            else "DEFAULT")
+                self.actors.append(cls.options(scheduling_strategy=strategy).remote(
+                    [shards.refs[i] for i in g], [shards.sq_refs[i] for i in g], use_gpu, threads))
+            ray.get([a.ping.remote() for a in self.actors])  # shards mapped: the first step is a plain step
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
 
     def step(self, centroids: np.ndarray, num_far: int, want_labels: bool) -> list[dict]:
         import ray
 
-        # k x d centroids go inline with each task (under Ray's 100 KB inline limit for k x 2,048 up to
+        # k x d centroids go inline with each call (under Ray's 100 KB inline limit for k x 2,048 up to
         # k = 12): no object-store put and fetch per iteration
         cref = ray.put(centroids) if centroids.nbytes > 64 * 1024 else centroids
-        return ray.get([self.task.remote(r, sq, cref, num_far, want_labels, self.use_gpu)
-                        for r, sq in zip(self.shards.refs, self.shards.sq_refs, strict=True)])
+        per_actor = ray.get([a.step.remote(cref, num_far, want_labels) for a in self.actors])
+        return [p for parts in per_actor for p in parts]  # shard order
 
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        return _gather_rows(self.shards, rows)
-
-    def take_far(self, parts: list[dict]) -> np.ndarray:
+    def _take(self, wanted: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        """Rows ``wanted[shard]`` (local indices) of each listed shard, from the actors holding them."""
         import ray
 
-        return np.concatenate(ray.get([_remote(_take_rows).remote(ref, p["far_rows"])
-                                       for ref, p in zip(self.shards.refs, parts, strict=True)]))
+        calls = []
+        for a, g in zip(self.actors, self.groups, strict=True):
+            pairs = [(j, wanted[i]) for j, i in enumerate(g) if i in wanted]
+            if pairs:
+                calls.append(([g[j] for j, _ in pairs], a.take.remote(pairs)))
+        got = {}
+        for ids, rows in zip([c[0] for c in calls], ray.get([c[1] for c in calls]), strict=True):
+            got.update(zip(ids, rows, strict=True))
+        return got
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.shards.dim), np.float32)
+        where = list(_global_to_local(self.shards.offsets, rows))
+        got = self._take({s: local for s, _, local in where})
+        for s, pos, _ in where:
+            out[pos] = got[s]
+        return out
+
+    def take_far(self, parts: list[dict]) -> np.ndarray:
+        got = self._take({i: p["far_rows"] for i, p in enumerate(parts)})
+        return np.concatenate([got[i] for i in range(len(parts))])
 
 
 class _LocalSteps:
@@ -349,8 +435,8 @@ def _local_cpus() -> int:
 
 def auto_mode(nbytes: int, use_gpu: bool) -> str:
     """What ``mode="auto"`` runs for ``nbytes`` of float32 features: ``"local"`` (one task) up to
-    :data:`LOCAL_MAX_BYTES` on a CPU-only cluster, else ``"tasks"`` (distributed over the shards)."""
-    return "local" if not use_gpu and nbytes <= LOCAL_MAX_BYTES else "tasks"
+    :data:`LOCAL_MAX_BYTES` on a CPU-only cluster, else ``"actors"`` (resident actors over the shards)."""
+    return "local" if not use_gpu and nbytes <= LOCAL_MAX_BYTES else "actors"
 
 
 def kmeans(
@@ -378,7 +464,8 @@ def kmeans(
     iterations (faiss's ``niter``). The restart with the lowest inertia is returned.
     ``use_gpu``: None = run the steps on GPUs when the cluster has them. ``init``: explicit [k, d]
     starting centroids (then a single run, no k-means++). ``mode``: where the steps run (module
-    docstring): ``"auto"``, ``"local"`` (one task) or ``"tasks"`` (a task per shard and iteration).
+    docstring): ``"auto"``, ``"local"`` (one task) or ``"actors"`` (resident shard actors; ``"tasks"``
+    is an alias).
     """
     # Long because Lloyd iterations with restarts and empty-cluster reseeding over shards, one loop.
     import ray
@@ -409,10 +496,18 @@ def kmeans(
         cpus = _local_cpus()
         task = _remote(_local_task, num_cpus=cpus)
         return ray.get(task.remote(shards.refs, shards.sq_refs, cpus, *args))
-    gpu_per_task = 0.0
-    if use_gpu:  # every shard's task on a GPU share at once (shares that fit each node's GPUs)
+    # Distributed: one resident actor per group of shards, at most one per free CPU (or GPU share).
+    workers = max(1, min(len(shards.refs), int(ray.available_resources().get("CPU", 1))))
+    threads = max(1, int(ray.available_resources().get("CPU", 1)) // workers) if not use_gpu else 1
+    gpu_per_actor = 0.0
+    if use_gpu:  # every actor on a GPU share at once (shares that fit each node's GPUs)
         from . import gpu
 
-        gpu_per_task = gpu.share(len(shards.refs))
-        gpu.check_request(gpu_per_task or 1.0, 1, "k-means assignment (use_gpu=True)")
-    return _restarts(_TaskSteps(shards, use_gpu, gpu_per_task), *args)
+        workers = len(shards.refs)
+        gpu_per_actor = gpu.share(workers)
+        gpu.check_request(gpu_per_actor or 1.0, 1, "k-means assignment (use_gpu=True)")
+    steps = _ActorSteps(shards, workers, use_gpu, gpu_per_actor, threads)
+    try:
+        return _restarts(steps, *args)
+    finally:
+        steps.close()  # the actors hold their shards (and CPUs/GPUs) only for this call

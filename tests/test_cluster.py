@@ -105,6 +105,36 @@ def test_local_and_task_modes_give_the_same_clustering(ray_session, blobs):
         kmeans(X, 4, mode="gpu")
 
 
+
+def test_actor_mode_equals_local_and_kills_its_actors(ray_session, blobs, monkeypatch):
+    # "actors" (resident shard actors; "tasks" is its old name) gives exactly the clustering of
+    # "local", and the actors are gone when k-means returns -- also when it raises.
+    import ray
+
+    import slsr_ray.kmeans as km
+
+    made = []
+    init = km._ActorSteps.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(list(self.actors))
+
+    monkeypatch.setattr(km._ActorSteps, "__init__", recording_init)
+    X, _ = blobs
+    local = kmeans(X, 4, n_init=2, seed=1, num_shards=5, mode="local")
+    actors = kmeans(X, 4, n_init=2, seed=1, num_shards=5, mode="actors")
+    np.testing.assert_array_equal(local.labels, actors.labels)
+    np.testing.assert_allclose(local.centroids, actors.centroids, rtol=1e-5, atol=1e-5)
+    assert local.inertia == pytest.approx(actors.inertia, rel=1e-6) and local.n_iter == actors.n_iter
+    with pytest.raises(ClusteringError, match="fewer than 3 distinct points"):
+        kmeans(np.repeat(np.array([[0, 0], [1, 1]], np.float32), 10, axis=0), 3, n_init=1, mode="actors")
+    assert len(made) == 2 and all(made)
+    for handles in made:
+        for a in handles:
+            with pytest.raises(ray.exceptions.RayActorError):
+                ray.get(a.ping.remote(), timeout=60)
+
 def test_silhouette_equals_sklearn(ray_session, blobs):
     X, _ = blobs
     labels = kmeans(X, 4, n_init=1, seed=0).labels

@@ -5,7 +5,7 @@ working directory and custom resource), with an s3:// run root on moto and the d
 
 Both worker nodes advertise one GPU and have no CUDA, so the same run shows that every stage schedules
 its GPU work on them (one GPU per Train worker and extraction actor, GPU shares for GAN actors and
-k-means tasks: the work spreads over both), that each such process falls back to CPU tensors with one
+k-means shard actors: the work spreads over both), that each such process falls back to CPU tensors with one
 log line, and that nothing waits in PENDING. During that run a worker node is killed in Ray Train
 training and another in GAN training (each replaced by a new node), then the job driver on the head is
 killed and the job resubmitted. Its results are compared with the same config run undisturbed on one
@@ -224,19 +224,20 @@ def test_every_artifact_is_on_s3_and_none_on_the_nodes(three_node_run, cluster):
 
 
 def test_work_ran_on_both_gpu_worker_nodes(three_node_run, cluster):
-    """Ray's state API: Train workers, extraction actors, GAN actors and k-means tasks each ran on more
+    """Ray's state API: Train workers, extraction actors, GAN actors and k-means shard actors each ran on more
     than one node, and the GPU ones only on the nodes that advertise GPUs (never the head)."""
     from ray.util.state import list_actors, list_tasks
 
     head_id = next(n["node_id"] for n in cluster.node_list() if "node_h" in n["resources_total"])
     actors = list_actors(address=cluster.dashboard, limit=10000)
-    kmeans = [t for t in list_tasks(address=cluster.dashboard, limit=10000)  # one per shard and Lloyd step
-              if "_step_task" in (t.func_or_class_name or "")]
+    # resident shard actors' step calls (one per actor and Lloyd step) carry the node that ran them
+    kmeans = [t for t in list_tasks(address=cluster.dashboard, limit=10000)
+              if "_ShardWorker.step" in (t.func_or_class_name or "")]
     where = {
         "Ray Train workers": {a.node_id for a in actors if a.class_name == "RayTrainWorker"},
         "extraction actors": {a.node_id for a in actors if "Extractor" in a.class_name},
         "GAN actors": {a.node_id for a in actors if a.class_name == "GanTrainerCore"},
-        "k-means tasks": {t.node_id for t in kmeans if t.node_id},
+        "k-means shard actors": {t.node_id for t in kmeans if t.node_id},
     }
     for what, nodes in where.items():
         assert len(nodes) >= 2, f"{what} ran on {len(nodes)} node(s): {nodes}"
