@@ -94,18 +94,6 @@ def test_tol_none_runs_exactly_max_iter_iterations(ray_session, blobs):
         kmeans(X, 5, tol=-1.0)
 
 
-def test_local_and_task_modes_give_the_same_clustering(ray_session, blobs):
-    X, _ = blobs
-    local = kmeans(X, 4, n_init=2, seed=1, num_shards=3, mode="local")
-    tasks = kmeans(X, 4, n_init=2, seed=1, num_shards=3, mode="tasks")
-    np.testing.assert_array_equal(local.labels, tasks.labels)
-    np.testing.assert_allclose(local.centroids, tasks.centroids, rtol=1e-5, atol=1e-5)
-    assert local.inertia == pytest.approx(tasks.inertia, rel=1e-6) and local.n_iter == tasks.n_iter
-    with pytest.raises(ClusteringError, match="mode must be one of"):
-        kmeans(X, 4, mode="gpu")
-
-
-
 def test_actor_mode_equals_local_and_kills_its_actors(ray_session, blobs, monkeypatch):
     # "actors" (resident shard actors; "tasks" is its old name) gives exactly the clustering of
     # "local", and the actors are gone when k-means returns -- also when it raises.
@@ -122,18 +110,22 @@ def test_actor_mode_equals_local_and_kills_its_actors(ray_session, blobs, monkey
 
     monkeypatch.setattr(km._ActorSteps, "__init__", recording_init)
     X, _ = blobs
-    local = kmeans(X, 4, n_init=2, seed=1, num_shards=5, mode="local")
-    actors = kmeans(X, 4, n_init=2, seed=1, num_shards=5, mode="actors")
-    np.testing.assert_array_equal(local.labels, actors.labels)
-    np.testing.assert_allclose(local.centroids, actors.centroids, rtol=1e-5, atol=1e-5)
-    assert local.inertia == pytest.approx(actors.inertia, rel=1e-6) and local.n_iter == actors.n_iter
+    for num_shards, mode in ((5, "actors"), (3, "tasks")):  # "tasks": the old name, same mode
+        local = kmeans(X, 4, n_init=2, seed=1, num_shards=num_shards, mode="local")
+        actors = kmeans(X, 4, n_init=2, seed=1, num_shards=num_shards, mode=mode)
+        np.testing.assert_array_equal(local.labels, actors.labels)
+        np.testing.assert_allclose(local.centroids, actors.centroids, rtol=1e-5, atol=1e-5)
+        assert local.inertia == pytest.approx(actors.inertia, rel=1e-6) and local.n_iter == actors.n_iter
+    with pytest.raises(ClusteringError, match="mode must be one of"):
+        kmeans(X, 4, mode="gpu")
     with pytest.raises(ClusteringError, match="fewer than 3 distinct points"):
         kmeans(np.repeat(np.array([[0, 0], [1, 1]], np.float32), 10, axis=0), 3, n_init=1, mode="actors")
-    assert len(made) == 2 and all(made)
+    assert len(made) == 3 and all(made)  # actors, tasks, the failing call
     for handles in made:
         for a in handles:
             with pytest.raises(ray.exceptions.RayActorError):
                 ray.get(a.ping.remote(), timeout=60)
+
 
 def test_silhouette_equals_sklearn(ray_session, blobs):
     X, _ = blobs
