@@ -207,10 +207,14 @@ class _ActorSteps:
         cls = _remote(_ShardWorker, **opts)
         self.actors = []
         try:
-            for g in self.groups:
-                nodes = [where[i] for i in g if where[i]]
-                strategy = (NodeAffinitySchedulingStrategy(max(set(nodes), key=nodes.count), soft=True) if nodes
-                            else "DEFAULT")
+            # Each group next to the node holding most of its shards -- unless that says nothing (every
+            # shard on one node, e.g. put there by the driver on a head without GPUs): then spread the
+            # actors over the nodes, or a multi-node cluster would run all of k-means on one of them.
+            homes = [max(set(ns), key=ns.count) if (ns := [where[i] for i in g if where[i]]) else None
+                     for g in self.groups]
+            informative = len({h for h in homes if h}) > 1
+            for g, home in zip(self.groups, homes, strict=True):
+                strategy = NodeAffinitySchedulingStrategy(home, soft=True) if informative and home else "SPREAD"
                 self.actors.append(cls.options(scheduling_strategy=strategy).remote(
                     [shards.refs[i] for i in g], [shards.sq_refs[i] for i in g], use_gpu, threads))
             ray.get([a.ping.remote() for a in self.actors])  # shards mapped: the first step is a plain step
