@@ -28,13 +28,12 @@ import numpy as np
 import pyarrow as pa
 
 from . import layout, storage
-from .feature_shards import _check_finite, _default_num_shards
+from .feature_shards import _check_finite, _default_num_shards, _gather_rows
 from .kmeans import (  # noqa: F401  (re-exported: the kernel used to live here)
     INIT_SAMPLE_SIZE,
     LOCAL_MAX_BYTES,
     ClusteringError,
     KMeansResult,
-    _gather_rows,
     _remote,
     _Shards,
     kmeans,

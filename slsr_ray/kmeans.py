@@ -42,11 +42,9 @@ import numpy as np
 from .feature_shards import (  # noqa: F401  (ClusteringError, to_shards: part of this module's API)
     ClusteringError,
     _cluster_gpus,
-    _gather_rows,
     _global_to_local,
     _remote,
     _Shards,
-    _take_rows,
     to_shards,
 )
 
@@ -56,8 +54,8 @@ log = logging.getLogger(__name__)
 INIT_SAMPLE_SIZE = 10_000
 
 #: ``mode="auto"`` runs k-means in one Ray task up to this many bytes of features (all shards mapped
-#: by one worker; 262k x 2,048): on one node the resident actors did not beat it up to 100k x 2,048
-#: (module docstring; benchmarks/RESULTS.md "Issue 17.4").
+#: by one worker; 262k x 2,048): on one node the resident actors did not beat it below 200k x 2,048,
+#: where whole calls tie on 16 idle cores (module docstring; benchmarks/RESULTS.md "Issue 17.4").
 LOCAL_MAX_BYTES = 2 * 1024**3
 
 #: ``"tasks"`` is the old name of ``"actors"`` (the distributed mode once ran a task per shard and step).
@@ -145,13 +143,11 @@ class _ShardWorker:
         import ray
         import torch
 
-        self.arrays, self.row_sqs = ray.get(list(refs)), ray.get(list(sq_refs))
-        gpu = use_gpu and bool(ray.get_gpu_ids()) and torch.cuda.is_available()
-        if use_gpu and not gpu:
-            from .gpu import warn_no_cuda
+        from .gpu import device_for, gpu_assigned
 
-            warn_no_cuda("k-means assignment")  # a GPU actor on a node without CUDA: CPU tensors, said once
-        self.device = "cuda" if gpu else None
+        self.arrays, self.row_sqs = ray.get(list(refs)), ray.get(list(sq_refs))
+        # a GPU actor on a node without CUDA: CPU tensors, said once
+        self.device = device_for(use_gpu and gpu_assigned(), "k-means assignment")
         torch.set_num_threads(threads)  # Ray starts workers with OMP_NUM_THREADS = their num_cpus (often 1)
 
     def step(self, centroids: np.ndarray, num_far: int, want_labels: bool) -> list[dict]:
@@ -501,8 +497,9 @@ def kmeans(
         task = _remote(_local_task, num_cpus=cpus)
         return ray.get(task.remote(shards.refs, shards.sq_refs, cpus, *args))
     # Distributed: one resident actor per group of shards, at most one per free CPU (or GPU share).
-    workers = max(1, min(len(shards.refs), int(ray.available_resources().get("CPU", 1))))
-    threads = max(1, int(ray.available_resources().get("CPU", 1)) // workers) if not use_gpu else 1
+    free_cpus = int(ray.available_resources().get("CPU", 1))
+    workers = max(1, min(len(shards.refs), free_cpus))
+    threads = max(1, free_cpus // workers) if not use_gpu else 1
     gpu_per_actor = 0.0
     if use_gpu:  # every actor on a GPU share at once (shares that fit each node's GPUs)
         from . import gpu
