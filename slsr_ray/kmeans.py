@@ -61,17 +61,9 @@ LOCAL_MAX_BYTES = 2 * 1024**3
 #: ``"tasks"`` is the old name of ``"actors"`` (the distributed mode once ran a task per shard and step).
 MODES = ("auto", "local", "actors", "tasks")
 
-#: Bytes of feature rows per chunk of a Lloyd step: the distance GEMM reads a chunk from memory and the
-#: per-cluster sums read it again right after, from the CPU cache when the chunk fits there (a few MB:
-#: half the memory traffic of a step over chunks of 16k x 2,048 rows = 128 MB). GPU steps keep 16k rows
-#: (one host-to-device copy per chunk).
-STEP_CHUNK_BYTES = 8 * 1024**2
-
-
-def _step_rows(d: int, device) -> int:
-    if device.type != "cpu":
-        return 16_384
-    return max(64, STEP_CHUNK_BYTES // (4 * max(d, 1)))
+#: Feature rows per chunk of a Lloyd step's distance GEMM (a [rows, k] distance block at a time).
+#: Large chunks: the GEMM runs at memory speed and the per-chunk op overhead is paid rarely.
+STEP_CHUNK_ROWS = 16_384
 
 
 @dataclass
@@ -92,9 +84,16 @@ class KMeansResult:
 
 
 def _partial_step(x: np.ndarray, x_sq: np.ndarray, centroids: np.ndarray, num_far: int, want_labels: bool,
-                  device=None) -> dict:
+                  device=None, state: dict | None = None) -> dict:
     """Assign every row of ``x`` to its nearest centroid; return the partial k-means statistics (and
-    ``seconds``: how long that took here, for the per-iteration breakdown in bench_kmeans.py)."""
+    ``seconds``: how long that took here, for the per-iteration breakdown in bench_kmeans.py).
+
+    ``state`` (a dict kept by the caller per shard, empty at first) makes the per-cluster sums
+    incremental on CPUs: the first step sums every row, later ones only add the rows that changed cluster
+    to their new cluster and subtract them from their old one (float64 totals). After the first
+    iterations few rows move, so a step is about one pass over the data (the distance GEMM) instead of
+    two. Rows that moved are compared with the labels of the previous step, whatever its centroids.
+    """
     import time
 
     import torch
@@ -106,25 +105,47 @@ def _partial_step(x: np.ndarray, x_sq: np.ndarray, centroids: np.ndarray, num_fa
     c = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(dev)
     c_sq = (c.double() ** 2).sum(1).float()[None, :]
     n = len(x)
-    sums = torch.zeros((k, d), dtype=torch.float64, device=dev)
-    counts = torch.zeros(k, dtype=torch.int64, device=dev)
+    state = {} if state is None else state
     dists = np.empty(n, np.float32)
     labels = np.empty(n, np.int64)
-    rows = _step_rows(d, dev)
-    for start in range(0, n, rows):
-        stop = min(n, start + rows)
+    # On a GPU the sums are made right beside the distances (every chunk crosses to the device once);
+    # on CPUs after them, incrementally when few rows moved (the GEMM pass alone runs at memory speed).
+    fused = dev.type != "cpu"
+    sums = torch.zeros((k, d), dtype=torch.float64, device=dev)
+    for start in range(0, n, STEP_CHUNK_ROWS):
+        stop = min(n, start + STEP_CHUNK_ROWS)
         chunk = torch.from_numpy(x[start:stop]).to(dev)  # a read-only view is fine: torch only reads it
         # ||x||^2 is the same for every centroid, so the nearest one minimises ||c||^2 - 2 x.c.
         best, lab = torch.addmm(c_sq, chunk, c.T, beta=1.0, alpha=-2.0).min(1)
-        # Partial sums in float32 per chunk, accumulated in float64 across chunks.
-        sums += torch.zeros((k, d), dtype=torch.float32, device=dev).index_add_(0, lab, chunk).double()
-        counts += torch.bincount(lab, minlength=k)
+        if fused:  # partial sums in float32 per chunk, accumulated in float64 across chunks
+            sums += torch.zeros((k, d), dtype=torch.float32, device=dev).index_add_(0, lab, chunk).double()
         labels[start:stop] = lab.cpu().numpy()
         dists[start:stop] = best.cpu().numpy()
+    prev = state.get("labels")
+    moved = None if prev is None or state["sums"].shape != (k, d) else np.flatnonzero(labels != prev)
+    if fused:
+        sums_np = sums.cpu().numpy()
+    elif moved is not None and len(moved) <= n // 4:  # few rows changed cluster: update the last sums
+        sums_np = state["sums"].copy()
+        if len(moved):
+            rows = torch.from_numpy(x[moved]).to(dev)
+            gained = torch.zeros((k, d), dtype=torch.float32, device=dev).index_add_(
+                0, torch.from_numpy(labels[moved]).to(dev), rows)
+            lost = torch.zeros((k, d), dtype=torch.float32, device=dev).index_add_(
+                0, torch.from_numpy(prev[moved]).to(dev), rows)
+            sums_np += gained.double().cpu().numpy() - lost.double().cpu().numpy()
+    else:  # every row, as in the fused loop
+        for start in range(0, n, STEP_CHUNK_ROWS):
+            stop = min(n, start + STEP_CHUNK_ROWS)
+            chunk = torch.from_numpy(x[start:stop]).to(dev)
+            lab = torch.from_numpy(labels[start:stop]).to(dev)
+            sums += torch.zeros((k, d), dtype=torch.float32, device=dev).index_add_(0, lab, chunk).double()
+        sums_np = sums.cpu().numpy()
+    state["labels"], state["sums"] = labels, sums_np
     dists += x_sq
     np.maximum(dists, 0.0, out=dists)  # ||x||^2+||c||^2-2xc can dip below 0 in float32
     far = np.argpartition(-dists, min(num_far, n) - 1)[:num_far]
-    out = {"sums": sums.cpu().numpy(), "counts": counts.cpu().numpy(), "inertia": float(dists.sum(dtype=np.float64)),
+    out = {"sums": sums_np, "counts": np.bincount(labels, minlength=k), "inertia": float(dists.sum(dtype=np.float64)),
            "far_rows": far, "far_dist": dists[far]}
     if want_labels:
         out["labels"] = labels
@@ -149,14 +170,16 @@ class _ShardWorker:
         # a GPU actor on a node without CUDA: CPU tensors, said once
         self.device = device_for(use_gpu and gpu_assigned(), "k-means assignment")
         torch.set_num_threads(threads)  # Ray starts workers with OMP_NUM_THREADS = their num_cpus (often 1)
+        self.states = [{} for _ in self.arrays]  # per shard: last labels and sums (incremental steps)
 
     def step(self, centroids: np.ndarray, num_far: int, want_labels: bool) -> list[dict]:
-        return [_partial_step(a, s, centroids, num_far, want_labels, self.device)
-                for a, s in zip(self.arrays, self.row_sqs, strict=True)]
+        return [_partial_step(a, s, centroids, num_far, want_labels, self.device, st)
+                for a, s, st in zip(self.arrays, self.row_sqs, self.states, strict=True)]
 
-    def take(self, shard_rows: list[tuple[int, np.ndarray]]) -> list[np.ndarray]:
-        """Rows of this worker's shards: ``(shard index within the worker, local rows)`` pairs."""
-        return [np.array(self.arrays[i][rows], dtype=np.float32) for i, rows in shard_rows]
+    def take(self, shard_rows: list[tuple[int, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Rows of this worker's shards and their squared norms: ``(shard index within the worker, local
+        rows)`` pairs in, ``(rows, norms)`` pairs out."""
+        return [(np.array(self.arrays[i][rows], dtype=np.float32), self.row_sqs[i][rows]) for i, rows in shard_rows]
 
     def ping(self) -> bool:
         return True
@@ -248,18 +271,19 @@ class _ActorSteps:
             got.update(zip(ids, rows, strict=True))
         return got
 
-    def take(self, rows: np.ndarray) -> np.ndarray:
+    def take(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows at global indices ``rows`` and their squared norms."""
         rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((len(rows), self.shards.dim), np.float32)
+        out, out_sq = np.empty((len(rows), self.shards.dim), np.float32), np.empty(len(rows), np.float32)
         where = list(_global_to_local(self.shards.offsets, rows))
         got = self._take({s: local for s, _, local in where})
         for s, pos, _ in where:
-            out[pos] = got[s]
-        return out
+            out[pos], out_sq[pos] = got[s]
+        return out, out_sq
 
     def take_far(self, parts: list[dict]) -> np.ndarray:
         got = self._take({i: p["far_rows"] for i, p in enumerate(parts)})
-        return np.concatenate([got[i] for i in range(len(parts))])
+        return np.concatenate([got[i][0] for i in range(len(parts))])
 
 
 class _LocalSteps:
@@ -268,17 +292,23 @@ class _LocalSteps:
     def __init__(self, arrays: list[np.ndarray], row_sqs: list[np.ndarray]):
         self.arrays, self.row_sqs = arrays, row_sqs
         self.offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int64)
+        self.states = [{} for _ in arrays]  # per shard: last labels and sums (incremental steps)
 
     def step(self, centroids: np.ndarray, num_far: int, want_labels: bool) -> list[dict]:
-        return [_partial_step(a, s, centroids, num_far, want_labels) for a, s in zip(self.arrays, self.row_sqs,
-                                                                                    strict=True)]
+        return [_partial_step(a, s, centroids, num_far, want_labels, None, st)
+                for a, s, st in zip(self.arrays, self.row_sqs, self.states, strict=True)]
 
-    def take(self, rows: np.ndarray) -> np.ndarray:
+    def take(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows at global indices ``rows`` and their squared norms."""
         rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((len(rows), self.arrays[0].shape[1]), np.float32)
+        out, out_sq = np.empty((len(rows), self.arrays[0].shape[1]), np.float32), np.empty(len(rows), np.float32)
         for s, pos, local in _global_to_local(self.offsets, rows):
-            out[pos] = self.arrays[s][local]
-        return out
+            if len(pos) == pos[-1] - pos[0] + 1:  # sorted rows: one contiguous block, copied once
+                np.take(self.arrays[s], local, axis=0, out=out[pos[0] : pos[-1] + 1])
+            else:
+                out[pos] = self.arrays[s][local]
+            out_sq[pos] = self.row_sqs[s][local]
+        return out, out_sq
 
     def take_far(self, parts: list[dict]) -> np.ndarray:
         return np.concatenate([a[p["far_rows"]] for a, p in zip(self.arrays, parts, strict=True)])
@@ -296,11 +326,12 @@ def _sq_dists(points: np.ndarray, x: np.ndarray, x_sq: np.ndarray) -> np.ndarray
     return np.maximum(d, 0.0)
 
 
-def kmeans_plusplus(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Greedy k-means++ seeding (as scikit-learn: 2 + log k candidates per step, keep the best)."""
+def kmeans_plusplus(X: np.ndarray, k: int, rng: np.random.Generator, x_sq: np.ndarray | None = None) -> np.ndarray:
+    """Greedy k-means++ seeding (as scikit-learn: 2 + log k candidates per step, keep the best).
+    ``x_sq``: the rows' squared norms when known (the shards keep them), else computed here."""
     n = len(X)
     X = np.ascontiguousarray(X, dtype=np.float32)
-    x_sq = np.einsum("ij,ij->i", X, X, dtype=np.float64)
+    x_sq = np.einsum("ij,ij->i", X, X, dtype=np.float64) if x_sq is None else np.asarray(x_sq, np.float64)
     n_trials = 2 + int(np.log(k))
     centers = np.empty((k, X.shape[1]), np.float32)
     first = int(rng.integers(n))
@@ -401,7 +432,8 @@ def _restarts(steps, n: int, k: int, n_init: int, max_iter: int, shift_tol: floa
     for run in range(n_init):
         m = min(n, init_sample_size)
         rows = np.sort(rng.choice(n, size=m, replace=False)) if m < n else np.arange(n)
-        start = kmeans_plusplus(steps.take(rows), int(k), rng)
+        sample, sample_sq = steps.take(rows)
+        start = kmeans_plusplus(sample, int(k), rng, sample_sq)
         res = _lloyd(steps, start, max_iter, shift_tol, inertia_tol)
         log.info("k-means k=%d restart %d/%d: inertia %.6g in %d iterations", k, run + 1, n_init, res.inertia,
                  res.n_iter)

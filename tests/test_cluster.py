@@ -127,6 +127,39 @@ def test_actor_mode_equals_local_and_kills_its_actors(ray_session, blobs, monkey
                 ray.get(a.ping.remote(), timeout=300)  # a dead actor fails at once; 300 s: a loaded machine
 
 
+def test_incremental_sums_equal_a_full_recompute(blobs):
+    # A Lloyd step with a per-shard state only re-adds the rows that changed cluster (or sums every
+    # row again when more than a quarter moved, or K changed); over a whole run its sums, counts and
+    # labels must stay those of a step that sums every row, within float32 summation error.
+    from slsr_ray.kmeans import _partial_step
+
+    X, _ = blobs
+    x_sq = np.einsum("ij,ij->i", X, X)
+    state: dict = {}
+    moved = []
+    centroids = X[np.random.default_rng(0).choice(len(X), 5, replace=False)]
+    for it in range(40):
+        if it == 30:  # the same centroids in reverse order: every row changes label (the full path)
+            centroids = centroids[::-1].copy()
+        if it == 35:  # a new K: the state no longer fits, the step starts over
+            centroids = centroids[:4]
+        had = state.get("labels")
+        inc = _partial_step(X, x_sq, centroids, 4, True, state=state)
+        full = _partial_step(X, x_sq, centroids, 4, True)
+        if had is not None:
+            moved.append(int((inc["labels"] != had).sum()))
+        np.testing.assert_array_equal(inc["labels"], full["labels"])
+        np.testing.assert_array_equal(inc["counts"], full["counts"])
+        exact, scale = np.zeros((len(centroids), X.shape[1])), np.zeros((len(centroids), X.shape[1]))
+        np.add.at(exact, full["labels"], X.astype(np.float64))
+        np.add.at(scale, full["labels"], np.abs(X.astype(np.float64)))
+        for got in (inc["sums"], full["sums"]):
+            assert (np.abs(got - exact) <= 2e-5 * scale + 1e-9).all()
+        centroids = (full["sums"] / np.maximum(full["counts"], 1)[:, None]).astype(np.float32)
+    # every path ran: a few rows moved, none moved, most moved
+    assert any(0 < m <= len(X) // 4 for m in moved) and 0 in moved and max(moved) > len(X) // 4, moved
+
+
 def test_silhouette_equals_sklearn(ray_session, blobs):
     X, _ = blobs
     labels = kmeans(X, 4, n_init=1, seed=0).labels
