@@ -50,6 +50,9 @@ from .feature_shards import (  # noqa: F401  (ClusteringError, to_shards: part o
 
 log = logging.getLogger(__name__)
 
+#: Restarts whose inertias differ by less than this (relative) are a tie, kept by the earliest restart.
+INERTIA_TIE_RTOL = 1e-6
+
 #: Default number of points k-means++ seeds from (a uniform sample of the data, seeded).
 INIT_SAMPLE_SIZE = 10_000
 
@@ -176,10 +179,9 @@ class _ShardWorker:
         return [_partial_step(a, s, centroids, num_far, want_labels, self.device, st)
                 for a, s, st in zip(self.arrays, self.row_sqs, self.states, strict=True)]
 
-    def take(self, shard_rows: list[tuple[int, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Rows of this worker's shards and their squared norms: ``(shard index within the worker, local
-        rows)`` pairs in, ``(rows, norms)`` pairs out."""
-        return [(np.array(self.arrays[i][rows], dtype=np.float32), self.row_sqs[i][rows]) for i, rows in shard_rows]
+    def take(self, shard_rows: list[tuple[int, np.ndarray]]) -> list[np.ndarray]:
+        """Rows of this worker's shards: ``(shard index within the worker, local rows)`` pairs."""
+        return [np.array(self.arrays[i][rows], dtype=np.float32) for i, rows in shard_rows]
 
     def ping(self) -> bool:
         return True
@@ -271,19 +273,18 @@ class _ActorSteps:
             got.update(zip(ids, rows, strict=True))
         return got
 
-    def take(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Rows at global indices ``rows`` and their squared norms."""
+    def take(self, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
-        out, out_sq = np.empty((len(rows), self.shards.dim), np.float32), np.empty(len(rows), np.float32)
+        out = np.empty((len(rows), self.shards.dim), np.float32)
         where = list(_global_to_local(self.shards.offsets, rows))
         got = self._take({s: local for s, _, local in where})
         for s, pos, _ in where:
-            out[pos], out_sq[pos] = got[s]
-        return out, out_sq
+            out[pos] = got[s]
+        return out
 
     def take_far(self, parts: list[dict]) -> np.ndarray:
         got = self._take({i: p["far_rows"] for i, p in enumerate(parts)})
-        return np.concatenate([got[i][0] for i in range(len(parts))])
+        return np.concatenate([got[i] for i in range(len(parts))])
 
 
 class _LocalSteps:
@@ -298,17 +299,15 @@ class _LocalSteps:
         return [_partial_step(a, s, centroids, num_far, want_labels, None, st)
                 for a, s, st in zip(self.arrays, self.row_sqs, self.states, strict=True)]
 
-    def take(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Rows at global indices ``rows`` and their squared norms."""
+    def take(self, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
-        out, out_sq = np.empty((len(rows), self.arrays[0].shape[1]), np.float32), np.empty(len(rows), np.float32)
+        out = np.empty((len(rows), self.arrays[0].shape[1]), np.float32)
         for s, pos, local in _global_to_local(self.offsets, rows):
             if len(pos) == pos[-1] - pos[0] + 1:  # sorted rows: one contiguous block, copied once
                 np.take(self.arrays[s], local, axis=0, out=out[pos[0] : pos[-1] + 1])
             else:
                 out[pos] = self.arrays[s][local]
-            out_sq[pos] = self.row_sqs[s][local]
-        return out, out_sq
+        return out
 
     def take_far(self, parts: list[dict]) -> np.ndarray:
         return np.concatenate([a[p["far_rows"]] for a, p in zip(self.arrays, parts, strict=True)])
@@ -326,12 +325,13 @@ def _sq_dists(points: np.ndarray, x: np.ndarray, x_sq: np.ndarray) -> np.ndarray
     return np.maximum(d, 0.0)
 
 
-def kmeans_plusplus(X: np.ndarray, k: int, rng: np.random.Generator, x_sq: np.ndarray | None = None) -> np.ndarray:
-    """Greedy k-means++ seeding (as scikit-learn: 2 + log k candidates per step, keep the best).
-    ``x_sq``: the rows' squared norms when known (the shards keep them), else computed here."""
+def kmeans_plusplus(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Greedy k-means++ seeding (as scikit-learn: 2 + log k candidates per step, keep the best)."""
     n = len(X)
     X = np.ascontiguousarray(X, dtype=np.float32)
-    x_sq = np.einsum("ij,ij->i", X, X, dtype=np.float64) if x_sq is None else np.asarray(x_sq, np.float64)
+    # float64 norms, not the shards' float32 ones: seeding picks by cumulative distance, and a last-bit
+    # change there can pick another seed (the same partition with other cluster numbers, other GANs)
+    x_sq = np.einsum("ij,ij->i", X, X, dtype=np.float64)
     n_trials = 2 + int(np.log(k))
     centers = np.empty((k, X.shape[1]), np.float32)
     first = int(rng.integers(n))
@@ -432,12 +432,13 @@ def _restarts(steps, n: int, k: int, n_init: int, max_iter: int, shift_tol: floa
     for run in range(n_init):
         m = min(n, init_sample_size)
         rows = np.sort(rng.choice(n, size=m, replace=False)) if m < n else np.arange(n)
-        sample, sample_sq = steps.take(rows)
-        start = kmeans_plusplus(sample, int(k), rng, sample_sq)
+        start = kmeans_plusplus(steps.take(rows), int(k), rng)
         res = _lloyd(steps, start, max_iter, shift_tol, inertia_tol)
         log.info("k-means k=%d restart %d/%d: inertia %.6g in %d iterations", k, run + 1, n_init, res.inertia,
                  res.n_iter)
-        if best is None or res.inertia < best.inertia:
+        # A restart must beat the best by more than rounding: restarts that found the same partition
+        # (often with the clusters numbered differently) keep the earliest, whatever the last bits say.
+        if best is None or res.inertia < best.inertia * (1 - INERTIA_TIE_RTOL):
             best = res
     return best
 
