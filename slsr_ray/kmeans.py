@@ -457,13 +457,34 @@ def _local_task(refs: list, sq_refs: list, threads: int, *args) -> KMeansResult:
         torch.set_num_threads(before)
 
 
+#: How long :func:`free_cpus` waits for Ray's resource view to catch up with tasks that just finished.
+FREE_CPUS_SETTLE_S = 1.0
+
+
+def free_cpus(settle_s: float = FREE_CPUS_SETTLE_S) -> float:
+    """CPUs free in the cluster now. ``ray.available_resources()`` lags: raylets report to the GCS
+    periodically, so right after other tasks end (the shard checks, the previous K) it still counts their
+    CPUs as taken -- k-means then asked for 1 CPU of 2 and ran single-threaded (2x slower, measured). So
+    poll until the view shows every CPU free, for at most ``settle_s`` (others may really hold some)."""
+    import time
+
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 1)
+    free = ray.available_resources().get("CPU", 0)
+    deadline = time.monotonic() + settle_s
+    while free < total and time.monotonic() < deadline:
+        time.sleep(0.05)
+        free = max(free, ray.available_resources().get("CPU", 0))
+    return max(free, 1.0)
+
+
 def _local_cpus() -> int:
     """CPUs for the local task: all that are free now, at most one node's worth (a task is on one node)."""
     import ray
 
     per_node = max((nd["Resources"].get("CPU", 0) for nd in ray.nodes() if nd.get("Alive")), default=1)
-    free = ray.available_resources().get("CPU", 1)
-    return max(1, int(min(per_node, free)))
+    return max(1, int(min(per_node, free_cpus())))
 
 
 def auto_mode(nbytes: int, use_gpu: bool) -> str:
@@ -530,9 +551,9 @@ def kmeans(
         task = _remote(_local_task, num_cpus=cpus)
         return ray.get(task.remote(shards.refs, shards.sq_refs, cpus, *args))
     # Distributed: one resident actor per group of shards, at most one per free CPU (or GPU share).
-    free_cpus = int(ray.available_resources().get("CPU", 1))
-    workers = max(1, min(len(shards.refs), free_cpus))
-    threads = max(1, free_cpus // workers) if not use_gpu else 1
+    free = int(free_cpus())
+    workers = max(1, min(len(shards.refs), free))
+    threads = max(1, free // workers) if not use_gpu else 1
     gpu_per_actor = 0.0
     if use_gpu:  # every actor on a GPU share at once (shares that fit each node's GPUs)
         from . import gpu

@@ -180,6 +180,23 @@ def test_restarts_tied_on_inertia_keep_the_earliest(monkeypatch):
     assert best.inertia == 99.0 and best.centroids is runs[2]  # 1e-5 and 1e-8 less are ties; 1 % is not
 
 
+def test_free_cpus_waits_for_the_lagging_resource_view(monkeypatch):
+    # Ray's available_resources() still counts CPUs of tasks that just ended; k-means asked for what it
+    # showed and ran on 1 CPU of 2. free_cpus polls until the view shows them free (or gives up).
+    import ray
+
+    from slsr_ray.kmeans import free_cpus
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    views = iter([{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 2.0}])
+    monkeypatch.setattr(ray, "available_resources", lambda: next(views, {"CPU": 2.0}))
+    assert free_cpus() == 2.0
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 1.0})  # really taken: settle, then 1
+    assert free_cpus(settle_s=0.2) == 1.0
+    monkeypatch.setattr(ray, "available_resources", lambda: {})  # all taken: still asks for one
+    assert free_cpus(settle_s=0.1) == 1.0
+
+
 def test_silhouette_equals_sklearn(ray_session, blobs):
     X, _ = blobs
     labels = kmeans(X, 4, n_init=1, seed=0).labels
