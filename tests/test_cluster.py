@@ -180,21 +180,22 @@ def test_restarts_tied_on_inertia_keep_the_earliest(monkeypatch):
     assert best.inertia == 99.0 and best.centroids is runs[2]  # 1e-5 and 1e-8 less are ties; 1 % is not
 
 
-def test_free_cpus_waits_for_the_lagging_resource_view(monkeypatch):
-    # Ray's available_resources() still counts CPUs of tasks that just ended; k-means asked for what it
-    # showed and ran on 1 CPU of 2. free_cpus polls until the view shows them free (or gives up).
+def test_local_task_uses_every_core_of_its_node(ray_session, blobs, monkeypatch):
+    # The local task's CPU request follows Ray's lagging view of free CPUs (often 1 of 2 right after
+    # other tasks); its threads must not: it runs on all of its node's cores, whatever it was given.
     import ray
+    import torch
 
-    from slsr_ray.kmeans import free_cpus
+    import slsr_ray.kmeans as km
 
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
-    views = iter([{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 2.0}])
-    monkeypatch.setattr(ray, "available_resources", lambda: next(views, {"CPU": 2.0}))
-    assert free_cpus() == 2.0
-    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 1.0})  # really taken: settle, then 1
-    assert free_cpus(settle_s=0.2) == 1.0
-    monkeypatch.setattr(ray, "available_resources", lambda: {})  # all taken: still asks for one
-    assert free_cpus(settle_s=0.1) == 1.0
+    X, _ = blobs
+    threads = []
+    monkeypatch.setattr(km, "_node_cores", lambda: 3)
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    ref, sq = ray.put(X), ray.put(np.einsum("ij,ij->i", X, X))
+    res = km._local_task([ref], [sq], len(X), 5, 1, 5, None, 1e-6, 0, 1000, None)
+    assert threads[0] == 3 and len(res.labels) == len(X)
+    assert km._node_cores() >= 1
 
 
 def test_silhouette_equals_sklearn(ray_session, blobs):
