@@ -96,6 +96,8 @@ def _partial_step(x: np.ndarray, x_sq: np.ndarray, centroids: np.ndarray, num_fa
     to their new cluster and subtract them from their old one (float64 totals). After the first
     iterations few rows move, so a step is about one pass over the data (the distance GEMM) instead of
     two. Rows that moved are compared with the labels of the previous step, whatever its centroids.
+    Above 1/8 of the rows moving, summing every row again is cheaper (gathering 16 % of 10k x 2,048
+    rows and two ``index_add_`` took 6.1 ms, one ``index_add_`` over all of them 5.3 ms).
     """
     import time
 
@@ -128,7 +130,7 @@ def _partial_step(x: np.ndarray, x_sq: np.ndarray, centroids: np.ndarray, num_fa
     moved = None if prev is None or state["sums"].shape != (k, d) else np.flatnonzero(labels != prev)
     if fused:
         sums_np = sums.cpu().numpy()
-    elif moved is not None and len(moved) <= n // 4:  # few rows changed cluster: update the last sums
+    elif moved is not None and len(moved) <= n // 8:  # few rows changed cluster: update the last sums
         sums_np = state["sums"].copy()
         if len(moved):
             rows = torch.from_numpy(x[moved]).to(dev)
