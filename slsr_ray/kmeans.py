@@ -2,27 +2,29 @@
 
 One Lloyd step per shard is :func:`_partial_step`: squared distances to the centroids as one
 ``addmm`` (||c||^2 - 2 x.c; the row norms ||x||^2 are computed once per shard, when the shard is
-checked), the nearest centroid per row, and the per-cluster partial sums (``index_add_``), counts,
-inertia and farthest rows. Only ``k x d`` numbers leave a shard per step; the driver reduces them.
+checked), the nearest centroid per row, and the per-cluster partial sums, counts, inertia and farthest
+rows. The sums are incremental: a step adds only the rows that changed cluster (and subtracts them
+from their old one), so once few rows move a step is one pass over the data -- the distance GEMM --
+instead of two. Only ``k x d`` numbers leave a shard per step; the driver reduces them.
 
 Two ways to run the steps, with the same arithmetic and so the same result (``mode``):
 
+* ``"local"``: the whole k-means (every restart) in one Ray task that maps all shards (zero-copy on
+  one node) and runs on all of that node's cores -- no per-iteration round trips.
 * ``"actors"`` (``"tasks"`` is its old name and means the same): a pool of resident shard actors
   (:class:`_ShardWorker`, one per group of shards, at most one per free CPU, or one per shard on a GPU
   share), each placed next to its shards and mapping them once (zero-copy on its node). A Lloyd step
   is one actor call per worker (centroids in, partial sums out): no task lease or scheduling per
   iteration. The actors live for one :func:`kmeans` call and are killed when it returns or raises.
-  (It replaced one Ray task per shard and iteration, whose ~40 ms task round trip per iteration on a
-  loaded 2-core machine made it 5-8x slower per iteration than faiss.)
-* ``"local"``: the whole k-means (every restart) in one Ray task that maps all shards (zero-copy on
-  one node) and uses all its CPUs -- no per-iteration round trips.
 
-``"auto"`` picks ``"local"`` up to :data:`LOCAL_MAX_BYTES` of features on a CPU-only cluster
-(``benchmarks/bench_kmeans.py`` measures the crossover; benchmarks/RESULTS.md "Issue 17.4") and
-``"actors"`` above it or with GPUs. Measured on one (heavily loaded) 2-core node, 20k-100k x 2,048:
-an actor-mode Lloyd step takes 0.4-0.8x of faiss's time per iteration, but whole calls of the two
-modes tie (``local`` ahead below 100k: no actor processes to start), so there is no crossover on one
-node in that range; the actors are for features beyond one task's share, and for GPUs.
+``"auto"`` picks ``"local"`` up to :data:`LOCAL_MAX_BYTES` of features on a CPU-only cluster and
+``"actors"`` above it or with GPUs. Measured on the idle 2-core machine (``bench_kmeans.py --size
+scan``; benchmarks/RESULTS.md "Issue 17.4"), exactly 20 iterations at 20k-200k x 2,048: a whole
+``local`` call takes 0.86-1.35x of ``faiss.Kmeans``'s time at K=3 and 1.25-1.6x at K=5 (k-means++
+seeding on a 10k-row sample is a fixed ~0.1 s that faiss's random init does not pay), and 0.2-0.3x of
+scikit-learn's time per iteration. The actors take 2.3-9x faiss's time (a process per shard group to
+start per call), so on one node the two modes do not cross below 200k; the actors are for features
+beyond one task's share, and for GPUs.
 
 Empty clusters are re-seeded after every M-step at the candidate point farthest from every other
 centroid (candidates: each shard's rows farthest from their own centroid, as scikit-learn and faiss
