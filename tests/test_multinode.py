@@ -161,6 +161,9 @@ def three_node_run(cluster, s3_dataset, overrides, failing_jobs, one_node_job):
     kill_job_driver(cluster, run_root)
     events["first_job_after_driver_kill"] = wait_job(client, first, {"SUCCEEDED", "FAILED", "STOPPED"}, 300)
     logs_first = client.get_job_logs(first)
+    # On an idle machine the (3 s) generation stage can finish between the GAN marker and the kill; its
+    # workers' lines then die with the driver before reaching the job log (seen: no "generation task" line)
+    events["generated_before_resubmit"] = storage.exists(storage.join(run_root, "generate", "_STAGE.json"))
     second = submit(cluster.dashboard, run_root, overrides)
     status = wait_job(client, second, {"SUCCEEDED", "FAILED", "STOPPED"}, 1800)
     logs_second = client.get_job_logs(second)
@@ -248,8 +251,10 @@ def test_gpu_work_falls_back_to_cpu_with_one_line_per_process(three_node_run):
     logs = three_node_run["logs"]
     # "[slsr] <stage> no CUDA: ..." (the console puts the running stage after the tag of a worker's line)
     lines = [line for line in logs.splitlines() if line.startswith("[slsr] ") and "no CUDA: " in line]
-    for what in ("Ray Train worker", "extraction actor", "GAN actor of cluster", "k-means assignment",
-                 "generation task", "DDP over gloo"):
+    roles = ["Ray Train worker", "extraction actor", "GAN actor of cluster", "k-means assignment", "DDP over gloo"]
+    if not three_node_run["events"]["generated_before_resubmit"]:  # else it ran in the killed driver's job
+        roles.append("generation task")
+    for what in roles:
         assert any(what in line for line in lines), f"no CPU-fallback line from the {what}"
     per_process = [m.groups() for line in lines if (m := re.search(r"no CUDA: (.+?) on \S+ \(pid (\d+)\)", line))]
     assert len(per_process) >= 5 and len(per_process) == len(set(per_process)), "a process said it twice"
