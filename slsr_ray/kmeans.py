@@ -115,6 +115,11 @@ def _partial_step(x: np.ndarray, x_sq: np.ndarray, centroids: np.ndarray, num_fa
     state = {} if state is None else state
     dists = np.empty(n, np.float32)
     labels = np.empty(n, np.int64)
+
+    def cluster_sums(rows: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+        # float32 sums of the rows per cluster, widened to float64 (totals accumulate in float64)
+        return torch.zeros((k, d), dtype=torch.float32, device=rows.device).index_add_(0, lab, rows).double()
+
     # On a GPU the sums are made right beside the distances (every chunk crosses to the device once);
     # on CPUs after them, incrementally when few rows moved (the GEMM pass alone runs at memory speed).
     fused = dev.type != "cpu"
@@ -124,29 +129,24 @@ def _partial_step(x: np.ndarray, x_sq: np.ndarray, centroids: np.ndarray, num_fa
         chunk = torch.from_numpy(x[start:stop]).to(dev)  # a read-only view is fine: torch only reads it
         # ||x||^2 is the same for every centroid, so the nearest one minimises ||c||^2 - 2 x.c.
         best, lab = torch.addmm(c_sq, chunk, c.T, beta=1.0, alpha=-2.0).min(1)
-        if fused:  # partial sums in float32 per chunk, accumulated in float64 across chunks
-            sums += torch.zeros((k, d), dtype=torch.float32, device=dev).index_add_(0, lab, chunk).double()
+        if fused:
+            sums += cluster_sums(chunk, lab)
         labels[start:stop] = lab.cpu().numpy()
         dists[start:stop] = best.cpu().numpy()
     prev = state.get("labels")
     moved = None if prev is None or state["sums"].shape != (k, d) else np.flatnonzero(labels != prev)
-    if fused:
-        sums_np = sums.cpu().numpy()
-    elif moved is not None and len(moved) <= n // 8:  # few rows changed cluster: update the last sums
+    if not fused and moved is not None and len(moved) <= n // 8:  # few rows moved: update the last sums
         sums_np = state["sums"].copy()
         if len(moved):
-            rows = torch.from_numpy(x[moved]).to(dev)
-            gained = torch.zeros((k, d), dtype=torch.float32, device=dev).index_add_(
-                0, torch.from_numpy(labels[moved]).to(dev), rows)
-            lost = torch.zeros((k, d), dtype=torch.float32, device=dev).index_add_(
-                0, torch.from_numpy(prev[moved]).to(dev), rows)
-            sums_np += gained.double().cpu().numpy() - lost.double().cpu().numpy()
-    else:  # every row, as in the fused loop
-        for start in range(0, n, STEP_CHUNK_ROWS):
-            stop = min(n, start + STEP_CHUNK_ROWS)
-            chunk = torch.from_numpy(x[start:stop]).to(dev)
-            lab = torch.from_numpy(labels[start:stop]).to(dev)
-            sums += torch.zeros((k, d), dtype=torch.float32, device=dev).index_add_(0, lab, chunk).double()
+            rows = torch.from_numpy(x[moved])
+            gained = cluster_sums(rows, torch.from_numpy(labels[moved]))
+            lost = cluster_sums(rows, torch.from_numpy(prev[moved]))
+            sums_np += gained.numpy() - lost.numpy()
+    else:
+        if not fused:  # every row, chunk by chunk as in the fused loop
+            for start in range(0, n, STEP_CHUNK_ROWS):
+                stop = min(n, start + STEP_CHUNK_ROWS)
+                sums += cluster_sums(torch.from_numpy(x[start:stop]), torch.from_numpy(labels[start:stop]))
         sums_np = sums.cpu().numpy()
     state["labels"], state["sums"] = labels, sums_np
     dists += x_sq
