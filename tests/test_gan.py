@@ -350,6 +350,17 @@ def test_unreachable_or_dead_gan_actor_is_resent_then_replaced(ray_session, monk
     actors = {0: _FlakyTrainer.remote(2), 1: _FlakyTrainer.remote(0)}
     ray.get(actors[1].train.remote(0))  # started; now kill it for good: its call must go to a new actor
     ray.kill(actors[1], no_restart=True)
+    # ray.kill is asynchronous: a call sent right after it can still run on the old process (seen once in
+    # a fresh-clone CI run: no replacement). Wait until the actor is really dead.
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            ray.get(actors[1].train.remote(0), timeout=30)
+        except ray.exceptions.RayActorError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the killed actor still answers after 60 s")
     replaced = []
 
     def restart(c):
