@@ -28,9 +28,12 @@ setup: $(DEV_STAMP)
 demo: $(STAMP)
 	$(BIN)/slsr demo
 
+# Two pytest-xdist workers, whole test files each, heaviest first (tests/conftest.py): the suite waits on
+# Ray start-ups, jobs and subprocesses for a good part of its time, so two workers share 2 cores well.
+TEST_WORKERS ?= 2
 test: $(DEV_STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .

@@ -178,19 +178,45 @@ class LocalCluster:
         raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} {details()}")
 
     def stop(self) -> None:
-        """SIGTERM every node's process group (workers first), SIGKILL what is left after 60 s."""
+        """Stop every node this cluster started (workers first), see :func:`stop_ray_start`."""
         everything = [*self.retired, *self.nodes.values()]
-        for node in sorted(everything, key=lambda n: n.name == "head"):
-            if node.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(node.proc.pid, signal.SIGTERM)
+        stop_ray_start([n.proc for n in sorted(everything, key=lambda n: n.name == "head")])
         for node in everything:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                node.proc.wait(timeout=60)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(node.proc.pid, signal.SIGKILL)  # leftovers of a killed raylet, too
             shutil.rmtree(node.temp_dir, ignore_errors=True)
             shutil.rmtree(node.workdir, ignore_errors=True)
+
+
+def stop_ray_start(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
+    """Stop `ray start --block` processes started in their own session, with everything under them.
+
+    SIGTERM to each process group, then SIGKILL to every process still alive after ``grace`` seconds,
+    by pid: the processes each `ray start` spawned (GCS, raylet, dashboard, workers) and any in another
+    session under them (a job's driver). A graceful `ray start` exit took about 30 s per node here (its
+    children wind down one by one), time that bought a test nothing: these clusters' temp dirs are
+    thrown away."""
+    import psutil
+
+    tree: list[psutil.Process] = []
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                tree += psutil.Process(proc.pid).children(recursive=True)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.time() + grace
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.1, deadline - time.time()))
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    for child in tree:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+    psutil.wait_procs(tree, timeout=30)
 
 
 JOB_ENV = {"RAY_AUTH_MODE": "disabled", "TQDM_DISABLE": "1", "RAY_TRAIN_V2_ENABLED": "1"}

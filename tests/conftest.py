@@ -16,8 +16,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# With pytest-xdist (`make test` runs two workers) the controller process owns the one moto server and
+# picks its port here, before the workers start: they inherit SLSR_TEST_MOTO_PORT and talk to the same
+# server, so an s3:// run one worker built is readable from the other (a shared fixture below).
+IS_XDIST_WORKER = "PYTEST_XDIST_WORKER" in os.environ
+MOTO_PORT = int(os.environ.setdefault("SLSR_TEST_MOTO_PORT", str(_free_port())))
 # S3 settings go into the environment before Ray starts, so Ray workers inherit them too.
-MOTO_PORT = _free_port()
 os.environ.update(
     {
         "AWS_ACCESS_KEY_ID": "testing",
@@ -32,16 +36,57 @@ os.environ.update(
     }
 )
 os.environ.pop("AWS_PROFILE", None)
+_MOTO = {}
+
+
+def pytest_configure(config):
+    """The moto server lives in the main pytest process (the xdist controller, or the only process)."""
+    if IS_XDIST_WORKER:
+        return
+    from moto.server import ThreadedMotoServer
+
+    _MOTO["server"] = ThreadedMotoServer(ip_address="127.0.0.1", port=MOTO_PORT, verbose=False)
+    _MOTO["server"].start()
+
+
+def pytest_unconfigure(config):
+    if "server" in _MOTO:
+        _MOTO.pop("server").stop()
+
+
+# Heaviest test files first: xdist hands whole files to its workers in this order (`--dist loadfile
+# --no-loadscope-reorder`), so the long ones start at once and the short ones fill the gaps at the end.
+HEAVY_FIRST = ("test_multinode.py", "test_tune.py", "test_jobs.py", "test_console.py", "test_pipeline_reruns.py",
+               "test_experiment.py", "test_notebooks.py", "test_protocols.py", "test_search.py", "test_train.py")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order otherwise kept
+
+
+def shared_fixture(tmp_path_factory, name: str, build):
+    """Build a session fixture's value once per test run, even across xdist workers: the first worker
+    to ask builds it under a file lock into a folder every worker sees; the others wait, then read it.
+    ``build(folder)`` returns something JSON-able; every worker (the builder too) gets it back from JSON."""
+    import json
+
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    base = base.parent if IS_XDIST_WORKER else base
+    folder, done = base / name, base / f"{name}.json"
+    with FileLock(str(base / f"{name}.lock")):
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            done.write_text(json.dumps(build(folder)))
+    return json.loads(done.read_text())
 
 
 @pytest.fixture(scope="session")
 def moto_server():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=MOTO_PORT, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{MOTO_PORT}"
-    server.stop()
+    return f"http://127.0.0.1:{MOTO_PORT}"
 
 
 @pytest.fixture
@@ -136,49 +181,62 @@ TINY_RUN = [*TINY_OVERRIDES, "cluster.k=2", "baselines=[none]"]
 @pytest.fixture(scope="session")
 def tiny_run_root(ray_session, tmp_path_factory):
     """One finished tiny pipeline run (every stage and the report) that tests only *read*: the report,
-    the determinism check, the S3-vs-local comparison. Returns ``(config, summary, printed lines)``."""
+    the determinism check, the S3-vs-local comparison. Returns ``(config, summary, printed lines)``.
+    Built once per test run (see :func:`shared_fixture`); its summary is the one the run returned."""
     from slsr_ray.pipeline import load_config, run_pipeline
 
-    cfg = load_config("synthetic", TINY_RUN, run_root=str(tmp_path_factory.mktemp("tiny-run")))
-    lines: list[str] = []
-    summary = run_pipeline(cfg, echo=lines.append)
-    return cfg, summary, lines
+    def build(folder):
+        cfg = load_config("synthetic", TINY_RUN, run_root=str(folder))
+        lines: list[str] = []
+        summary = run_pipeline(cfg, echo=lines.append)
+        return {"run_root": str(folder), "summary": summary, "lines": lines}
+
+    shared = shared_fixture(tmp_path_factory, "tiny-run", build)
+    return load_config("synthetic", TINY_RUN, run_root=shared["run_root"]), shared["summary"], shared["lines"]
 
 
 @pytest.fixture(scope="session")
-def tiny_job_run(moto_server):
+def tiny_job_run(moto_server, tmp_path_factory):
     """The shared tiny run's config (``TINY_RUN``) as a real ``ray job submit`` job on a ``ray start
     --head`` on loopback, with an s3:// run root on moto: stopped once the cluster stage is done,
-    resubmitted, finished. Returns ``(run_root, {stage: marker before the stop}, logs of the second job)``.
+    resubmitted, finished. Returns ``(run_root, {stage: marker before the stop, as a dict}, logs of the
+    second job)``; built once per test run, like ``tiny_run_root``.
 
     One run serves the resume test, the S3-vs-local comparison and the same-seed check (every end-to-end
     run costs a minute or more of the suite's 2 cores). The head runs in its own process session and is
     stopped by its pid: ``ray stop`` would kill every Ray on the machine, this session's included."""
-    import boto3
-    from cluster_helpers import LocalCluster, submit, wait_job
+    import dataclasses
 
-    from slsr_ray import storage
-    from slsr_ray.stages import read_record
+    def build(folder):
+        import boto3
+        from cluster_helpers import LocalCluster, submit, wait_job
 
-    bucket = f"slsr-job-{uuid.uuid4().hex[:10]}"
-    boto3.client("s3", endpoint_url=moto_server).create_bucket(Bucket=bucket)
-    run_root = f"s3://{bucket}/runs/tiny"
-    cluster = LocalCluster()
-    cluster.start_head(num_cpus=2)
-    try:
-        client = cluster.client
-        first = submit(cluster.dashboard, run_root, TINY_RUN)
-        marker = storage.join(run_root, "cluster", "_STAGE.json")
-        status = wait_job(client, first, {"SUCCEEDED", "FAILED", "STOPPED"}, 600,
-                          also=lambda: storage.exists(marker))
-        assert status != "FAILED", client.get_job_logs(first)[-3000:]
-        client.stop_job(first)  # interrupt the pipeline in the middle (during the GAN stage)
-        wait_job(client, first, {"STOPPED", "SUCCEEDED", "FAILED"}, 120)
-        before = {s: read_record(run_root, s) for s in ("prepare", "pretrain", "extract", "cluster")}
-        second = submit(cluster.dashboard, run_root, TINY_RUN)
-        status = wait_job(client, second, {"SUCCEEDED", "FAILED", "STOPPED"}, 900)
-        logs = client.get_job_logs(second)
-        assert status == "SUCCEEDED", logs[-4000:]
-    finally:
-        cluster.stop()
-    return run_root, before, logs
+        from slsr_ray import storage
+        from slsr_ray.stages import read_record
+
+        bucket = f"slsr-job-{uuid.uuid4().hex[:10]}"
+        boto3.client("s3", endpoint_url=moto_server).create_bucket(Bucket=bucket)
+        run_root = f"s3://{bucket}/runs/tiny"
+        cluster = LocalCluster()
+        cluster.start_head(num_cpus=2)
+        try:
+            client = cluster.client
+            first = submit(cluster.dashboard, run_root, TINY_RUN)
+            marker = storage.join(run_root, "cluster", "_STAGE.json")
+            status = wait_job(client, first, {"SUCCEEDED", "FAILED", "STOPPED"}, 600,
+                              also=lambda: storage.exists(marker))
+            assert status != "FAILED", client.get_job_logs(first)[-3000:]
+            client.stop_job(first)  # interrupt the pipeline in the middle (during the GAN stage)
+            wait_job(client, first, {"STOPPED", "SUCCEEDED", "FAILED"}, 120)
+            records = {s: read_record(run_root, s) for s in ("prepare", "pretrain", "extract", "cluster")}
+            before = {s: dataclasses.asdict(r) if r else None for s, r in records.items()}
+            second = submit(cluster.dashboard, run_root, TINY_RUN)
+            status = wait_job(client, second, {"SUCCEEDED", "FAILED", "STOPPED"}, 900)
+            logs = client.get_job_logs(second)
+            assert status == "SUCCEEDED", logs[-4000:]
+        finally:
+            cluster.stop()
+        return {"run_root": run_root, "before": before, "logs": logs}
+
+    shared = shared_fixture(tmp_path_factory, "tiny-job-run", build)
+    return shared["run_root"], shared["before"], shared["logs"]

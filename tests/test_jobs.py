@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 
 from slsr_ray import storage
-from slsr_ray.stages import read_record
+from slsr_ray.stages import StageRecord, read_record
 
 
 def test_job_resumes_without_redoing_finished_stages(tiny_job_run):
     run_root, before, logs = tiny_job_run
     for stage, rec in before.items():
         assert rec is not None, f"{stage} had not finished before the stop"
+        rec = StageRecord.from_json(rec)
         after = read_record(run_root, stage)
         assert (after.finished, after.hash) == (rec.finished, rec.hash), f"{stage} was redone"
         assert f"{stage}" in logs and "done (skipped)" in logs
