@@ -28,9 +28,11 @@ setup: $(DEV_STAMP)
 demo: $(STAMP)
 	$(BIN)/slsr demo
 
-# Two pytest-xdist workers, whole test files each, heaviest first (tests/conftest.py): the suite waits on
-# Ray start-ups, jobs and subprocesses for a good part of its time, so two workers share 2 cores well.
-TEST_WORKERS ?= 2
+# TEST_WORKERS=n: n pytest-xdist workers, whole test files each, heaviest first (tests/conftest.py). The
+# default runs one process: on the 2-core reference machine the suite is CPU-bound (Ray start-ups,
+# torch imports) and two workers made it slower (39 min against about 32), but on a machine with more
+# cores `make test TEST_WORKERS=4` shares them out.
+TEST_WORKERS ?= 0
 test: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder

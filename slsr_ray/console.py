@@ -142,12 +142,22 @@ def _draw_status() -> None:
         sys.stdout.flush()
 
 
+def _print_line(text: str) -> None:
+    """``print`` a whole line, tqdm's bars (a stage's progress on stdout or stderr) cleared first and
+    redrawn after: in ``ray job logs`` or a file, a bar has no newline yet, and the line would be glued
+    to its end ("generating 24 images: 0%|  |[slsr] generate no CUDA: ...")."""
+    from tqdm import tqdm
+
+    with tqdm.external_write_mode(file=sys.stdout):
+        print(text, flush=True)
+
+
 def echo(text: str = "") -> None:
     """Print a line that stays (a finished stage, the table); it replaces the transient status line."""
     with _State.lock:
         _clear_status()
         _State.status_text = ""
-        print(text, flush=True)
+        _print_line(text)
 
 
 def is_console(fn) -> bool:
@@ -175,7 +185,7 @@ def _show_worker_line(text: str) -> None:
         _State.shown.add(text)
         _clear_status()
         label = f"{_State.label:<18} " if _State.label else ""
-        print(f"{TAG}{label}{text}", flush=True)
+        _print_line(f"{TAG}{label}{text}")
         _draw_status()
 
 

@@ -16,7 +16,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# With pytest-xdist (`make test` runs two workers) the controller process owns the one moto server and
+# With pytest-xdist (`make test TEST_WORKERS=n`) the controller process owns the one moto server and
 # picks its port here, before the workers start: they inherit SLSR_TEST_MOTO_PORT and talk to the same
 # server, so an s3:// run one worker built is readable from the other (a shared fixture below).
 IS_XDIST_WORKER = "PYTEST_XDIST_WORKER" in os.environ
@@ -54,14 +54,16 @@ def pytest_unconfigure(config):
         _MOTO.pop("server").stop()
 
 
-# Heaviest test files first: xdist hands whole files to its workers in this order (`--dist loadfile
-# --no-loadscope-reorder`), so the long ones start at once and the short ones fill the gaps at the end.
+# Heaviest test files first under xdist: it hands whole files to its workers in this order (`--dist
+# loadfile --no-loadscope-reorder`), so the long ones start at once and the short ones fill the gaps.
 HEAVY_FIRST = ("test_multinode.py", "test_tune.py", "test_jobs.py", "test_console.py", "test_pipeline_reruns.py",
                "test_experiment.py", "test_notebooks.py", "test_protocols.py", "test_search.py", "test_train.py")
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    if not IS_XDIST_WORKER:  # a single process runs the files in their usual order
+        return
     rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order otherwise kept
 

@@ -120,3 +120,29 @@ def test_verbose_brings_ray_logs_back(tmp_path):
     assert "[slsr] prepare " in loud.stdout
     assert "Started a local Ray instance" in loud.stdout
     assert "Started a local Ray instance" in (tmp_path / "loud" / "logs" / "ray.log").read_text()
+
+
+def test_a_line_printed_under_a_progress_bar_starts_its_own_line():
+    """`ray job logs` (stdout and stderr in one file, no terminal): a worker's line or a stage line printed
+    while a tqdm bar is drawn starts a line of its own, not glued to the bar (seen: the generation task's
+    CPU-fallback line came out as "generating 24 images: 0%|  |[slsr] generate no CUDA: ...")."""
+    import contextlib
+    import io
+
+    from tqdm import tqdm
+
+    from slsr_ray import console
+
+    buf = io.StringIO()  # not a terminal: what a job's log file gets
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        bar = tqdm(total=3, desc="generating 24 images", file=sys.stderr, disable=False)
+        bar.update()
+        console._show_worker_line("no CUDA: generation task on vm (pid 1) was given GPU(s) 0")
+        bar.update()
+        console.echo("[slsr] generate           finished in 1.0s")
+        bar.update()
+        bar.close()
+    lines = buf.getvalue().splitlines()
+    assert any(ln.startswith("[slsr] ") and "no CUDA: generation task" in ln for ln in lines), lines
+    assert "[slsr] generate           finished in 1.0s" in lines, lines
+    assert any(ln.startswith("generating 24 images: 100%") for ln in lines), lines  # the bar is redrawn

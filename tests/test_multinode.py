@@ -251,7 +251,10 @@ def test_gpu_work_falls_back_to_cpu_with_one_line_per_process(three_node_run):
     if not three_node_run["events"]["generated_before_resubmit"]:  # else it ran in the killed driver's job
         roles.append("generation task")
     for what in roles:
-        assert any(what in line for line in lines), f"no CPU-fallback line from the {what}"
+        # on failure: every line of either job that mentions generation or CUDA (which job ran what)
+        context = [f"{i}: {ln[:220]}" for i, job in enumerate(("logs_first", "logs_second"))
+                   for ln in three_node_run[job].splitlines() if "generat" in ln or "CUDA" in ln]
+        assert any(what in line for line in lines), f"no CPU-fallback line from the {what}:\n" + "\n".join(context)
     per_process = [m.groups() for line in lines if (m := re.search(r"no CUDA: (.+?) on \S+ \(pid (\d+)\)", line))]
     assert len(per_process) >= 5 and len(per_process) == len(set(per_process)), "a process said it twice"
 
