@@ -6,6 +6,9 @@ nearest-centroid search with faiss on the full data, summed in float64) so they 
 * ``fixed`` rows: exactly ``ITERS`` Lloyd iterations for ours (``tol=None``) and faiss (``niter``).
   scikit-learn cannot be forced past a fixed point (it stops when no label changes, even at
   ``tol=0``), so its rows also give the time per iteration it ran.
+* ``same start`` rows: ours (``local``) and faiss, ``ITERS`` iterations each from the same initial
+  centroids (K random rows): the cost of the Lloyd iterations alone, without the seeding (ours:
+  k-means++ on a sample; faiss: random rows).
 * ``converge`` rows: ours and scikit-learn with their default tolerance (faiss has no early stop).
 
 Our time is k-means on shards already in the object store (as the cluster stage has them: tasks read
@@ -63,8 +66,9 @@ def exact_inertia(X: np.ndarray, centroids: np.ndarray) -> float:
     return total
 
 
-def _peer(X: np.ndarray, k: int, which: str, fixed: bool, seed: int, cpus: int) -> dict:
-    """faiss or scikit-learn, timed inside a Ray task that holds ``cpus`` CPUs (like ours)."""
+def _peer(X: np.ndarray, k: int, which: str, fixed: bool, seed: int, cpus: int, init: np.ndarray | None = None) -> dict:
+    """faiss or scikit-learn, timed inside a Ray task that holds ``cpus`` CPUs (like ours); faiss from
+    ``init`` when given (``ITERS`` iterations from those centroids, no seeding)."""
     import faiss
     from threadpoolctl import threadpool_limits
 
@@ -73,7 +77,7 @@ def _peer(X: np.ndarray, k: int, which: str, fixed: bool, seed: int, cpus: int) 
         t0 = time.perf_counter()
         if which == "faiss":
             km = faiss.Kmeans(X.shape[1], k, niter=ITERS, seed=seed, max_points_per_centroid=len(X))
-            km.train(X)
+            km.train(X, init_centroids=init)
             km.index.search(X, 1)  # the labels: ours and scikit-learn return them too
             out = {"centroids": km.centroids, "iters": ITERS}
         else:
@@ -115,12 +119,12 @@ def _iteration_probe():
         km._ActorSteps.step, km._m_step = step, m_step
 
 
-def _ours(shards, k: int, mode: str, fixed: bool, seed: int) -> dict:
+def _ours(shards, k: int, mode: str, fixed: bool, seed: int, init: np.ndarray | None = None) -> dict:
     from slsr_ray.kmeans import kmeans
 
     with _iteration_probe() as times:
         t0 = time.perf_counter()
-        res = (kmeans(shards, k, n_init=1, max_iter=ITERS, tol=None, seed=seed, mode=mode) if fixed
+        res = (kmeans(shards, k, n_init=1, max_iter=ITERS, tol=None, seed=seed, mode=mode, init=init) if fixed
                else kmeans(shards, k, n_init=1, seed=seed, mode=mode))
         seconds = time.perf_counter() - t0
     out = {"centroids": res.centroids, "iters": res.n_iter, "seconds": seconds}
@@ -175,7 +179,10 @@ def _rows_for(X: np.ndarray, k: int, size: str, cpus: int, repeat: int, sklearn:
     xref = ray.put(X)
     peer = ray.remote(num_cpus=cpus)(_peer)
     auto_mode = pick_mode(n * DIM * 4, use_gpu=False)
+    start = X[np.random.default_rng(0).choice(n, size=k, replace=False)]  # one start for both: no seeding
     runs = {
+        "faiss_start": lambda: ray.get(peer.remote(xref, k, "faiss", True, 0, cpus, start)),
+        "local_start": lambda: _ours(shards, k, "local", True, 0, start),
         "faiss": lambda: ray.get(peer.remote(xref, k, "faiss", True, 0, cpus)),
         "sklearn": lambda: ray.get(peer.remote(xref, k, "sklearn", True, 0, cpus)),
         "local": lambda: _ours(shards, k, "local", True, 0),
@@ -212,6 +219,17 @@ def _rows_for(X: np.ndarray, k: int, size: str, cpus: int, repeat: int, sklearn:
                          "per_iter_ratio": (ours["seconds"] / ours["iters"]) / (r["seconds"] / r["iters"]),
                          "peer_inertia": inertia[key], "peer_all_load_1m": r["all_load_1m"],
                          "inertia_rel_diff": (inertia[mode] - inertia[key]) / inertia[key]})
+    ours, peer_start = got["local_start"], got["faiss_start"]
+    rows.append({**base, "name": f"kmeans same start {ITERS} iters k={k} n={n} mode=local", "mode": "local",
+                 "auto": auto_mode == "local", "ours_s": ours["seconds"], "ours_all_s": ours["all_seconds"],
+                 "ours_iters": ours["iters"], "ours_per_iter_ms": 1000 * ours["seconds"] / ours["iters"],
+                 "ours_inertia": inertia["local_start"], "peer": "faiss.Kmeans (same start)",
+                 "peer_s": peer_start["seconds"], "peer_all_s": peer_start["all_seconds"],
+                 "peer_iters": peer_start["iters"], "peer_per_iter_ms": 1000 * peer_start["seconds"] / ITERS,
+                 "ratio": ours["seconds"] / peer_start["seconds"],
+                 "per_iter_ratio": (ours["seconds"] / ours["iters"]) / (peer_start["seconds"] / ITERS),
+                 "peer_inertia": inertia["faiss_start"],
+                 "inertia_rel_diff": (inertia["local_start"] - inertia["faiss_start"]) / inertia["faiss_start"]})
     if "sklearn_conv" not in got or "auto_conv" not in got:
         return rows
     ours, sk = got["auto_conv"], got["sklearn_conv"]

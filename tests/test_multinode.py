@@ -60,7 +60,7 @@ STAGES = ("prepare", "pretrain", "extract", "cluster", "gan", "generate", "train
 TIMINGS: dict[str, float] = {}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster(moto_server):
     """Head (1 CPU, resource node_h) + workers a and b (1 CPU, 1 GPU without CUDA, node_a / node_b)."""
     c = LocalCluster(env=FAST_HEALTH_CHECKS)
@@ -75,7 +75,7 @@ def cluster(moto_server):
     c.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def s3_dataset(moto_server, tmp_path_factory):
     """A tiny synthetic dataset uploaded to S3 with `slsr data manifest`; returns (bucket, manifests)."""
     import boto3
@@ -101,12 +101,12 @@ def s3_dataset(moto_server, tmp_path_factory):
     return f"s3://{bucket}", manifests, str(root)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def overrides(tiny_overrides, s3_dataset):
     return [*tiny_overrides, *RUN_SETTINGS, f"data.manifests={s3_dataset[1]}"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def failing_jobs(cluster, s3_dataset, overrides, tmp_path_factory):
     """Jobs that must fail fast, submitted before the big run (they overlap it): a local run root, a
     dataset on the driver's disk, manifests whose images are on the driver's disk, and more GPU train
@@ -124,7 +124,7 @@ def failing_jobs(cluster, s3_dataset, overrides, tmp_path_factory):
     }
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def three_node_run(cluster, s3_dataset, overrides, failing_jobs, one_node_job):
     """The pipeline as a job on the 3-node cluster, disturbed three times: a worker node killed during
     Ray Train pretraining (replaced by node c), one killed during GAN training (replaced by node d),
@@ -177,7 +177,7 @@ run_pipeline(load_config("synthetic", sys.argv[2:], run_root=sys.argv[1]))
 """
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def one_node_job(s3_dataset, overrides, tmp_path_factory):
     """The same config, undisturbed, on one node: a local Ray (2 CPUs, no GPU) in a subprocess, started
     first so that it overlaps the 3-node run (the suite's time on 2 cores)."""
@@ -192,7 +192,7 @@ def one_node_job(s3_dataset, overrides, tmp_path_factory):
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def one_node_run(one_node_job):
     proc, run_root, log, t0 = one_node_job
     assert proc.wait(timeout=3000) == 0, log.read_text()[-4000:]
