@@ -30,8 +30,9 @@ demo: $(STAMP)
 
 # TEST_WORKERS=n: n pytest-xdist workers, whole test files each, heaviest first (tests/conftest.py). The
 # default runs one process: on the 2-core reference machine the suite is CPU-bound (Ray start-ups,
-# torch imports) and two workers made it slower (39 min against about 32), but on a machine with more
-# cores `make test TEST_WORKERS=4` shares them out.
+# torch imports), two workers took 39 min and one process 42.8 min the same morning (no clear gain,
+# more load on each test's timeouts), but on a machine with more cores `make test TEST_WORKERS=4`
+# shares them out.
 TEST_WORKERS ?= 0
 test: $(DEV_STAMP)
 	$(BIN)/ruff check .
