@@ -87,6 +87,7 @@ def test_pipeline_console_is_short_and_ray_logs_go_to_the_run_root(second_ray, t
     assert len(lines) <= 35, console  # 28 when written; Ray's stages used to print hundreds
     for noise in NOISE:
         assert noise not in console, noise
+    assert "Started a local Ray instance" not in console  # Ray's own lines: only with -v (test below)
     log = run_root / "logs" / "ray.log"
     assert [ln for ln in lines if "Ray logs:" in ln] == [f"[slsr] Ray logs: {log}  (slsr -v shows them here)"]
     # one line per stage, and each training's epoch metrics once
