@@ -122,6 +122,9 @@ def _s3_options() -> dict[str, Any]:
     options: dict[str, Any] = dict(
         region=region, connect_timeout=waits["connect"], request_timeout=waits["read"],
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=int(waits["retries"])),
+        # A small object (JSON, an image, a marker) is sent in one PUT when the stream closes instead of
+        # a multipart upload opened up front (create, part, complete: three requests per object).
+        allow_delayed_open=True,
     )
     endpoint = _s3_endpoint()
     if endpoint:
@@ -230,7 +233,10 @@ def read_bytes(uri: str | os.PathLike) -> bytes:
             raise StorageError(f"{uri}: {e}") from e
     fs, path = filesystem(uri)
     try:
-        with fs.open_input_stream(path) as f:
+        # A random-access file knows its size and reads it in one GET; an input stream's read() fetches
+        # it in ranged GETs of a few hundred KB (a 95 MB checkpoint: 351 requests, 22 s against moto,
+        # 0.19 s in one GET; on S3 each request is a round trip too).
+        with fs.open_input_file(path) as f:
             return f.read()
     except FileNotFoundError as e:
         raise StorageError(f"{uri} does not exist") from e
@@ -264,7 +270,7 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
     fs, path = filesystem(uri)
     try:
         # The object becomes visible only when the upload completes (one PUT, or a completed
-        # multipart upload for large objects), so readers never see a partial object.
+        # multipart upload for large objects: allow_delayed_open), so readers never see a partial object.
         with fs.open_output_stream(path) as f:
             f.write(data)
     except OSError as e:
