@@ -28,12 +28,11 @@ setup: $(DEV_STAMP)
 demo: $(STAMP)
 	$(BIN)/slsr demo
 
-# TEST_WORKERS=n: n pytest-xdist workers, whole test files each, heaviest first (tests/conftest.py). The
-# default runs one process: on the 2-core reference machine the suite is CPU-bound (Ray start-ups,
-# torch imports), two workers took 39 min and one process 42.8 min the same morning (no clear gain,
-# more load on each test's timeouts), but on a machine with more cores `make test TEST_WORKERS=4`
-# shares them out.
-TEST_WORKERS ?= 0
+# TEST_WORKERS=n: n pytest-xdist workers, whole test files each, heaviest first (tests/conftest.py);
+# TEST_WORKERS=0 runs one process. Two by default: on the 2-core reference machine one process leaves
+# the CPUs idle while a test waits on a job, a node or a Ray start-up (25.9 min with two workers,
+# 31.0 min in one process, the same hour, 2026-11-27); with more cores `make test TEST_WORKERS=4`.
+TEST_WORKERS ?= 2
 test: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder

@@ -219,7 +219,8 @@ def stop_ray_start(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
     psutil.wait_procs(tree, timeout=30)
 
 
-JOB_ENV = {"RAY_AUTH_MODE": "disabled", "TQDM_DISABLE": "1", "RAY_TRAIN_V2_ENABLED": "1"}
+JOB_ENV = {"RAY_AUTH_MODE": "disabled", "TQDM_DISABLE": "1", "RAY_TRAIN_V2_ENABLED": "1",
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}  # as in conftest: short fits end sooner
 
 
 def submit(address: str, run_root: str, overrides: list[str], config: str = "synthetic") -> str:
