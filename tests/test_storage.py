@@ -131,7 +131,7 @@ def counted_s3(monkeypatch):
 
 
 def test_a_big_object_is_read_in_one_get_and_a_small_one_written_in_one_put(counted_s3):
-    """A checkpoint read used to take one ranged GET per few hundred KB (a 95 MB ResNet-50 checkpoint:
+    """A checkpoint read used to take one ranged GET per few hundred KB (a 95 MB checkpoint:
     351 requests, 22 s against moto); a small object took a three-request multipart upload."""
     bucket, requests = counted_s3
     data = np.random.default_rng(2).integers(0, 255, 8 * 1024 * 1024, dtype=np.uint8).tobytes()
