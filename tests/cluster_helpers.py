@@ -219,8 +219,11 @@ def stop_ray_start(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
     psutil.wait_procs(tree, timeout=30)
 
 
-JOB_ENV = {"RAY_AUTH_MODE": "disabled", "TQDM_DISABLE": "1", "RAY_TRAIN_V2_ENABLED": "1",
-           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}  # as in conftest: short fits end sooner
+# Ray Train's controller polls its workers every 2 s by default, so every fit waits ~1 s after its train
+# function returns; the tests run dozens of short fits (a missed poll is harmless: a worker counts as
+# dead after 10 min of them). In the test session's environment (conftest) and every test job's.
+FAST_TRAIN_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+JOB_ENV = {"RAY_AUTH_MODE": "disabled", "TQDM_DISABLE": "1", "RAY_TRAIN_V2_ENABLED": "1", **FAST_TRAIN_POLL}
 
 
 def submit(address: str, run_root: str, overrides: list[str], config: str = "synthetic") -> str:

@@ -8,6 +8,7 @@ import socket
 import uuid
 
 import pytest
+from cluster_helpers import FAST_TRAIN_POLL
 
 
 def _free_port() -> int:
@@ -32,10 +33,7 @@ os.environ.update(
         "RAY_AUTH_MODE": "disabled",
         "RAY_DEDUP_LOGS": "0",
         "RAY_TRAIN_V2_ENABLED": "1",
-        # Ray Train's controller polls its workers every 2 s by default, so every fit waits ~1 s after its
-        # train function returns; a test session runs dozens of short fits (a missed poll is harmless:
-        # a worker counts as dead after 10 min of them).
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+        **FAST_TRAIN_POLL,
         "TQDM_DISABLE": "1",
     }
 )

@@ -41,8 +41,8 @@ from cluster_helpers import (
 from slsr_ray import storage
 from slsr_ray.stages import read_record
 
-# In the default suite (CI runs it: about 8 of the suite's minutes on 2 cores); `-m "not multinode"`
-# leaves it out on a laptop.
+# In the default suite (`make test` runs it in one xdist worker, about 7 minutes on 2 cores, while the
+# other runs the rest); `-m "not multinode"` leaves it out on a laptop.
 pytestmark = [pytest.mark.slow, pytest.mark.multinode, pytest.mark.timeout(3600)]
 
 # Every stage once, tiny; 3 pretrain epochs and 60 GAN epochs leave time to kill a node after the first

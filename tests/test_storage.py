@@ -97,9 +97,10 @@ def test_large_object_roundtrip_s3(s3_bucket):
 
 
 @pytest.fixture
-def counted_s3(monkeypatch):
-    """A moto server of this test's own (in this process, under xdist too) whose requests are counted
-    from werkzeug's request log: ``(bucket URI, list of "METHOD /path" lines)``."""
+def counted_s3(monkeypatch, caplog):
+    """A moto server of this test's own (in this process, under xdist too) and the requests it served,
+    read from werkzeug's request log: ``(bucket URI, function returning "METHOD /path" per request)``;
+    ``caplog.clear()`` starts a new count."""
     import logging
     import re
 
@@ -111,38 +112,31 @@ def counted_s3(monkeypatch):
     server.start()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    requests: list[str] = []
-
-    class Count(logging.Handler):
-        def emit(self, record):
-            found = re.search(r'"(?:\x1b\[[0-9;]*m)*([A-Z]+ /\S*) HTTP', record.getMessage())
-            if found:
-                requests.append(found.group(1))
-
-    handler, logger = Count(), logging.getLogger("werkzeug")
-    logger.addHandler(handler)
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
+    caplog.set_level(logging.INFO, logger="werkzeug")
     boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket="counted")
+
+    def requests() -> list[str]:
+        lines = (re.search(r'"(?:\x1b\[[0-9;]*m)*([A-Z]+ /\S*) HTTP', r.getMessage())
+                 for r in caplog.records if r.name == "werkzeug")
+        return [found.group(1) for found in lines if found]
+
     yield "s3://counted", requests
-    logger.removeHandler(handler)
-    logger.setLevel(old_level)
     server.stop()
 
 
-def test_a_big_object_is_read_in_one_get_and_a_small_one_written_in_one_put(counted_s3):
+def test_a_big_object_is_read_in_one_get_and_a_small_one_written_in_one_put(counted_s3, caplog):
     """A checkpoint read used to take one ranged GET per ~130 KB (a 46 MB checkpoint: 351 requests;
     a 95 MB object: 22 s against moto); a small object took a three-request multipart upload."""
     bucket, requests = counted_s3
     data = np.random.default_rng(2).integers(0, 255, 8 * 1024 * 1024, dtype=np.uint8).tobytes()
     storage.write_bytes(f"{bucket}/ckpt/model.pt", data)
-    requests.clear()
+    caplog.clear()
     assert storage.read_bytes(f"{bucket}/ckpt/model.pt") == data
-    gets = [r for r in requests if r.startswith("GET ")]
-    assert len(gets) == 1, requests
-    requests.clear()
+    gets = [r for r in requests() if r.startswith("GET ")]
+    assert len(gets) == 1, requests()
+    caplog.clear()
     storage.write_json(f"{bucket}/small/record.json", {"a": 1})
-    assert [r.split(" ")[0] for r in requests] == ["PUT"], requests
+    assert [r.split(" ")[0] for r in requests()] == ["PUT"], requests()
     assert storage.read_json(f"{bucket}/small/record.json") == {"a": 1}
 
 
