@@ -71,14 +71,14 @@ def second_ray():
 
 
 def test_pipeline_console_is_short_and_ray_logs_go_to_the_run_root(second_ray, tiny_run_root, tmp_path):
-    """`slsr run --from train` on a copy of the session's shared run: the first six stages are done (a
-    line each), the rest run (two Ray Train trainings, two evaluations, the report)."""
+    """`slsr run --from train` on a copy of the session's shared run, SLSR only: the first six stages are
+    done (a line each), the rest run (a Ray Train training, an evaluation, the report)."""
     from conftest import TINY_RUN
 
     run_root = tmp_path / "run"
     shutil.copytree(tiny_run_root[0].run_root, run_root)
     shutil.rmtree(run_root / "logs", ignore_errors=True)  # the copied run's own Ray log
-    sets = [a for o in TINY_RUN for a in ("--set", o)]
+    sets = [a for o in [*TINY_RUN, "baselines=[]"] for a in ("--set", o)]
     out = _slsr("run", "--run-root", str(run_root), "--from", "train", *sets)
     console = out.stdout
     assert out.returncode == 0, console[-4000:]
@@ -90,14 +90,14 @@ def test_pipeline_console_is_short_and_ray_logs_go_to_the_run_root(second_ray, t
     assert "Started a local Ray instance" not in console  # Ray's own lines: only with -v (test below)
     log = run_root / "logs" / "ray.log"
     assert [ln for ln in lines if "Ray logs:" in ln] == [f"[slsr] Ray logs: {log}  (slsr -v shows them here)"]
-    # one line per stage, and each training's epoch metrics once
+    # one line per stage, and the training's epoch metrics once
     for stage in ("prepare", "pretrain", "extract", "cluster", "gan", "generate"):
         assert sum(ln.startswith(f"[slsr] {stage} ") and "done (skipped)" in ln for ln in lines) == 1, stage
-    for stage in ("train/slsr", "train/none", "evaluate/slsr", "evaluate/none"):
+    for stage in ("train/slsr", "evaluate/slsr"):
         assert sum(ln.startswith(f"[slsr] {stage} ") and "finished in" in ln for ln in lines) == 1, stage
     epochs = [ln for ln in lines if "epoch 1/1" in ln]
-    assert [ln.split()[1] for ln in epochs] == ["train/slsr", "train/none"], epochs
-    assert "| slsr | no |" in console and "| none | yes |" in console
+    assert [ln.split()[1] for ln in epochs] == ["train/slsr"], epochs
+    assert "| slsr | no |" in console and "| slsr | yes |" in console and "| none |" not in console
     # Ray's lines are in the log file, with the workers' output; and Ray Train's placement-group cleaner
     # reached the state API even with a second Ray on the machine
     text = log.read_text()
@@ -105,11 +105,10 @@ def test_pipeline_console_is_short_and_ray_logs_go_to_the_run_root(second_ray, t
     assert "(RayTrainWorker pid=" in text and "epoch 1/1" in text
     assert "Failed to query" not in text and "multiple active Ray instances" not in text
     # retrained in another process on another Ray: the same seed gives the same numbers
-    for strategy in ("slsr", "none"):
-        for kind in ("plain", "rerank"):
-            rel = os.path.join("evaluate", strategy, f"{kind}.json")
-            again, first = (json.loads((Path(root) / rel).read_text()) for root in (run_root, tiny_run_root[0].run_root))
-            assert again == first, rel
+    for kind in ("plain", "rerank"):
+        rel = os.path.join("evaluate", "slsr", f"{kind}.json")
+        again, first = (json.loads((Path(root) / rel).read_text()) for root in (run_root, tiny_run_root[0].run_root))
+        assert again == first, rel
 
 
 def test_verbose_brings_ray_logs_back(tmp_path):

@@ -94,6 +94,20 @@ def test_hashes_chain_downstream_only(change):
         assert a[stage] != b[stage], stage
 
 
+@pytest.mark.parametrize(("change", "retrained"), [
+    ("train.lr=0.02", ("slsr", "none")), ("train.epochs=2", ("slsr", "none")), ("train.lam=0.5", ("slsr",)),
+])
+def test_train_settings_reach_both_trainings_only(change, retrained):
+    """A training setting retrains (and re-evaluates) the strategies it applies to, nothing upstream:
+    lambda weighs the generated images only, which the real-only baseline has none of."""
+    a, b = stage_hashes(load_config("synthetic")), stage_hashes(load_config("synthetic", [change]))
+    for stage in ("prepare", "pretrain", "extract", "cluster", "gan", "generate"):
+        assert a[stage] == b[stage], stage
+    for s in ("slsr", "none"):
+        for stage in (f"train/{s}", f"evaluate/{s}"):
+            assert (a[stage] != b[stage]) == (s in retrained), stage
+
+
 def test_run_root_not_writable(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")

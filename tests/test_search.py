@@ -33,17 +33,19 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def tiny_run(ray_session, tiny_overrides, tmp_path_factory):
-    """A finished tiny pipeline run (SLSR only, with re-ranking), like ``make demo``'s runs/demo; a few
-    more identities and epochs than the tiniest run, so that rank-1 is neither 0 nor 1."""
+def tiny_run(ray_session, tiny_run_root, tmp_path_factory):
+    """A finished tiny pipeline run (SLSR, with re-ranking), like ``make demo``'s runs/demo: a copy of the
+    session's shared run whose SLSR model is trained again for 3 epochs (its upstream stages are reused),
+    so that the matches in the top 5 are neither none nor all (one epoch ranks no identity in the top 5)."""
+    import shutil
+
+    from conftest import TINY_RUN
+
     from slsr_ray.pipeline import load_config, run_pipeline
 
-    run_root = str(tmp_path_factory.mktemp("serve-run"))
-    more = ["data.synthetic.num_ids=24", "data.synthetic.cams=4", "data.synthetic.images_per_id=8",
-            "pretrain.epochs=3", "train.epochs=3"]
-    cfg = load_config("synthetic", [*tiny_overrides, *more, "baselines=[]", "train.num_workers=1",
-                                    "pretrain.num_workers=1", "evaluate.rerank=true", "evaluate.k1=6",
-                                    "evaluate.k2=3"], run_root=run_root)
+    run_root = str(tmp_path_factory.mktemp("serve-run") / "run")
+    shutil.copytree(tiny_run_root[0].run_root, run_root)
+    cfg = load_config("synthetic", [*TINY_RUN, "baselines=[]", "train.epochs=3"], run_root=run_root)
     run_pipeline(cfg, echo=lambda *_: None)
     return cfg
 
