@@ -9,7 +9,10 @@ Layout under the run root::
                                    stages it shares with the base are symbolic links to the base's folders
     experiment/points/<id>/        one point = one training + evaluation (``run_pipeline`` on this root):
                                    its upstream stage folders are links, ``train/`` and ``evaluate/`` its
-                                   own; ``point.json`` is written last, so a rerun skips finished points
+                                   own (``train/`` links the run root's own training when that one is
+                                   finished with the point's config, e.g. seed 0 of an experiment on a
+                                   finished run); ``point.json`` is written last, so a rerun skips finished
+                                   points
     experiment/results.{json,md}   the tables (mean +- std over seeds, paired difference against ``none``)
     experiment/*.png               the figures (see :mod:`slsr_ray.experiment_results`)
 
@@ -238,6 +241,11 @@ class Experiment:
             _link(RunLayout(upstream).stage(key), dst)
             if not is_done(proot, key, hashes[key]):  # never let the pipeline rerun a stage through a link
                 raise RuntimeError(f"shared stage {key} under {upstream} does not match point {self.point_id(p)}")
+        train_key = f"train/{p.strategy}"
+        own = RunLayout(proot).stage(train_key)
+        _unlink(own)  # renewed like the upstream links: never train through a link into the run root's folder
+        if not os.path.exists(own) and is_done(self.root, train_key, hashes[train_key]):
+            _link(RunLayout(self.root).stage(train_key), own)  # the run root trained this config already
         cfg.run_root = proot
         t0 = time.time()
         try:

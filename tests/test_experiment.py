@@ -26,7 +26,8 @@ BASE = [*TINY_RUN, *FAST]  # the shared tiny run's settings: its upstream stages
 @pytest.fixture(scope="module")
 def finished(ray_session, tiny_run_root, tmp_path_factory):
     """2 strategies x 2 seeds, plus one generated-count point (0.25x the real images, seed 0), on a copy
-    of the session's finished tiny run (same upstream settings: its stages up to generation are reused)."""
+    of the session's finished tiny run (same settings: its stages up to generation and its two seed-0
+    trainings are reused; seed 1 and the generated-count point train)."""
     root = str(tmp_path_factory.mktemp("experiment") / "run")
     shutil.copytree(tiny_run_root[0].run_root, root)
     exp = ExperimentConfig(strategies=["none", "slsr"], seeds=[0, 1], generated=[0, 0.25], curve_seeds=[0])
@@ -90,6 +91,17 @@ def test_upstream_stages_are_shared_not_recomputed(finished):
         for stage in ("prepare", "pretrain", "extract", "cluster"):
             link = os.path.join(points, name, stage)
             assert os.path.islink(link) and os.path.realpath(link) == os.path.join(root, stage)
+    # seed 0 of each strategy is the copied run's own training (same config): linked, not trained again;
+    # seed 1 trains in the point's own folder
+    linked = {}
+    for name in os.listdir(points):
+        with open(os.path.join(points, name, "point.json")) as f:
+            rec = json.load(f)
+        train = os.path.join(points, name, "train", rec["strategy"])
+        if not rec["overrides"]:
+            linked[(rec["strategy"], rec["seed"])] = os.path.realpath(train) if os.path.islink(train) else None
+    assert linked == {("none", 0): os.path.join(root, "train", "none"), ("slsr", 0): os.path.join(root, "train", "slsr"),
+                      ("none", 1): None, ("slsr", 1): None}
     # the 0.25x point: its own generate stage, the base's GANs (linked), the base's generate untouched
     (variant,) = os.listdir(os.path.join(root, "experiment", "upstream"))
     vroot = os.path.join(root, "experiment", "upstream", variant)
