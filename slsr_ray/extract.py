@@ -151,9 +151,10 @@ def normalise(images: np.ndarray, norm: str = "imagenet"):
     from .transforms import normalization
 
     mean, std = normalization(norm)
-    # one conversion into a new float32 array: Ray Data's zero-copy batches are read-only (torch warns on
-    # those) and are never written through
-    x = torch.from_numpy(images.astype(np.float32)).permute(0, 3, 1, 2).div_(255.0)
+    images = np.ascontiguousarray(images)
+    if not images.flags.writeable:  # Ray Data's zero-copy batches: torch warns on a read-only buffer
+        images = images.copy()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
