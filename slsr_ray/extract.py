@@ -17,6 +17,10 @@ Pipeline (one Ray Data dataset, streaming, with progress bars)::
   A checkpoint URI is loaded by each actor from the run root (nothing is read from the driver's
   disk); a :class:`~slsr_ray.models.ModelConfig` is built once on the driver (random init) and its
   weights are shared through the object store, so every actor computes the same features.
+* An input that fits in one batch (an evaluation's query and gallery on a small dataset, a test) runs
+  in one Ray task with the same resources, thread count and model code, on a worker that is usually
+  warm, and gives the same features bit for bit: a pool of one actor would start a process (torch
+  import, model build: about 7 CPU-seconds) and a Ray Data execution for a single batch.
 * Output: parquet shards, then ``meta.json`` and finally an empty ``_SUCCESS`` marker; a folder
   without ``_SUCCESS`` is an unfinished extraction and :func:`load_features` refuses it.
 
@@ -38,7 +42,7 @@ import pyarrow as pa
 
 from . import storage
 from .errors import SlsrError
-from .feature_shards import ClusteringError
+from .feature_shards import ClusteringError, _remote
 from .raysetup import init_ray
 from .staging import staged_folder
 from .validate import check_model_checkpoint
@@ -173,13 +177,14 @@ class Extractor:
     """Ray Data callable class: holds the model, turns a batch of images into a ``feature`` column."""
 
     def __init__(self, checkpoint: str | None, model_config: dict | None, state_ref: list | None,
-                 feature: str, height: int, width: int, decode_in_actor: bool, use_gpu: bool, threads: int):
+                 feature: str, height: int, width: int, decode_in_actor: bool, use_gpu: bool, threads: int,
+                 role: str = "extraction actor"):
         import torch
 
         torch.set_num_threads(max(1, threads))
         from .gpu import device_for
 
-        self.device = device_for(use_gpu, "extraction actor")
+        self.device = device_for(use_gpu, role)
         if checkpoint is not None:
             from .models import load_model
 
@@ -208,6 +213,19 @@ class Extractor:
         feats = feats.float().cpu().numpy()
         table = pa.table({name: pa.array(col) for name, col in batch.items() if name != "image"})
         return table.append_column("feature", features_column(feats))
+
+
+def _extract_one_batch(table: pa.Table, extractor_kwargs: dict) -> pa.Table:
+    """Ray task: a whole (one-batch) manifest through an :class:`Extractor` built here, as the actor pool
+    would: the batch is the columns as numpy arrays, the way Ray Data hands them to the actors."""
+    import torch
+
+    previous = torch.get_num_threads()
+    try:  # the worker may run other tasks later: leave its torch thread count as found
+        batch = {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
+        return Extractor(**extractor_kwargs, role="extraction task")(batch)
+    finally:
+        torch.set_num_threads(previous)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -340,39 +358,51 @@ def extract_features(manifest: str | pa.Table, checkpoint, output_dir: str, cfg:
     num_blocks = max(math.ceil(n / (4 * cfg.batch_size)), num_actors)
     rows_per_block = math.ceil(n / num_blocks)
     blocks = [table.slice(i, rows_per_block) for i in range(0, n, rows_per_block)]
-    ds = ray.data.from_arrow(blocks)
-    if decode == "tasks":
+    extractor_kwargs = {
+        "checkpoint": ckpt_uri, "model_config": model_config, "state_ref": state_ref,
+        "feature": cfg.feature, "height": cfg.height, "width": cfg.width,
+        "decode_in_actor": decode == "actor", "use_gpu": num_gpus > 0, "threads": max(1, int(cpus_per_actor)),
+    }
+    one_batch = n <= cfg.batch_size
+    if one_batch:  # one task, decoding in it: no pool, no Ray Data execution for a single batch
+        num_actors, decode = 0, "task"
+        extractor_kwargs["decode_in_actor"] = True
+    else:
+        ds = ray.data.from_arrow(blocks)
+        if decode == "tasks":
+            ds = ds.map_batches(
+                _decode_batch, fn_kwargs={"height": cfg.height, "width": cfg.width}, batch_size=cfg.batch_size,
+                batch_format="numpy", num_cpus=cfg.decode_cpus, udf_modifying_row_count=False,
+                compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency) if cfg.decode_concurrency else None,
+            )
         ds = ds.map_batches(
-            _decode_batch, fn_kwargs={"height": cfg.height, "width": cfg.width}, batch_size=cfg.batch_size,
-            batch_format="numpy", num_cpus=cfg.decode_cpus, udf_modifying_row_count=False,
-            compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency) if cfg.decode_concurrency else None,
+            Extractor,
+            fn_constructor_kwargs=extractor_kwargs,
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            num_gpus=num_gpus,
+            num_cpus=cpus_per_actor,
+            udf_modifying_row_count=False,
         )
-    ds = ds.map_batches(
-        Extractor,
-        fn_constructor_kwargs={
-            "checkpoint": ckpt_uri, "model_config": model_config, "state_ref": state_ref,
-            "feature": cfg.feature, "height": cfg.height, "width": cfg.width,
-            "decode_in_actor": decode == "actor", "use_gpu": num_gpus > 0,
-            "threads": max(1, int(cpus_per_actor)),
-        },
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        num_gpus=num_gpus,
-        num_cpus=cpus_per_actor,
-        udf_modifying_row_count=False,
-    )
     # Written into a staging folder swapped in when complete: a failed or killed extraction never
     # costs the previous features in output_dir.
     with staged_folder(output_dir, marker=SUCCESS_MARKER, owned=_is_extraction_file) as stage:
-        fs, fs_path = storage.portable_filesystem(stage)  # the write tasks build their own S3 client
         start = time.perf_counter()
-        log.info("extracting %d images with %d actor(s) (%g GPU each, decode in %s) -> %s", n, num_actors,
-                 num_gpus, decode, output_dir)
-        # Rows land in the files in manifest order (file names sort in block order): the clustering reads
-        # them in that order, so the same seed gives the same k-means run (k-means++ draws by position).
-        ds.context.execution_options.preserve_order = True
-        ds.write_parquet(fs_path, filesystem=fs, min_rows_per_file=min(cfg.rows_per_file, n))
+        if one_batch:
+            log.info("extracting %d images (one batch) in one task (%g GPU) -> %s", n, num_gpus, output_dir)
+            task = _remote(_extract_one_batch, num_cpus=cpus_per_actor, num_gpus=num_gpus)
+            storage.write_table(storage.join(stage, "part-000000.parquet"),
+                                ray.get(task.remote(table, extractor_kwargs)))
+        else:
+            fs, fs_path = storage.portable_filesystem(stage)  # the write tasks build their own S3 client
+            log.info("extracting %d images with %d actor(s) (%g GPU each, decode in %s) -> %s", n, num_actors,
+                     num_gpus, decode, output_dir)
+            # Rows land in the files in manifest order (file names sort in block order): the clustering
+            # reads them in that order, so the same seed gives the same k-means run (k-means++ draws by
+            # position).
+            ds.context.execution_options.preserve_order = True
+            ds.write_parquet(fs_path, filesystem=fs, min_rows_per_file=min(cfg.rows_per_file, n))
         seconds = time.perf_counter() - start
 
         files = [f for f in storage.listdir(stage) if f.endswith(".parquet")]

@@ -85,6 +85,26 @@ def test_extract_random_init_to_s3_two_actors_share_weights(ray_session, synthet
     np.testing.assert_allclose(X[idx], ref, rtol=1e-4, atol=1e-5)
 
 
+def test_one_batch_input_runs_in_one_task_with_the_pools_features(ray_session, synthetic_dataset, tmp_path):
+    """An input of one batch is extracted by one Ray task, not an actor pool; it computes what the pool
+    computes for the same batch, bit for bit, in the same table layout."""
+    cfg = ModelConfig(num_classes=12, backbone="resnet18")
+    torch.manual_seed(2)
+    ckpt = str(tmp_path / "model.pt")
+    save_checkpoint(ckpt, build_model(cfg, announce=False), cfg)
+    manifest = synthetic_dataset.train.slice(0, 2 * SMALL["batch_size"])
+    pool = extract_features(manifest, ckpt, str(tmp_path / "pool"), ExtractConfig(**SMALL))  # two batches
+    task = extract_features(manifest.slice(0, SMALL["batch_size"]), ckpt, str(tmp_path / "task"), ExtractConfig(**SMALL))
+    assert storage.read_json(os.path.join(pool, "meta.json"))["num_actors"] >= 1
+    meta = storage.read_json(os.path.join(task, "meta.json"))
+    assert (meta["num_actors"], meta["decode"], meta["num_rows"]) == (0, "task", SMALL["batch_size"])
+    pool_table, pool_x = load_features(pool)
+    task_table, task_x = load_features(task)
+    assert task_table.schema == pool_table.schema
+    assert task_table.equals(pool_table.slice(0, SMALL["batch_size"]))  # the same rows, features to the bit
+    np.testing.assert_array_equal(task_x, pool_x[: SMALL["batch_size"]])
+
+
 def test_missing_images_are_listed_before_any_work(synthetic_dataset, tmp_path):
     manifest = synthetic_dataset.train.slice(0, 20)
     paths = manifest["path"].to_pylist()

@@ -125,7 +125,8 @@ def killed_run(ray_session, tiny_run_root, tmp_path_factory):
     run_root = str(tmp_path_factory.mktemp("killed-run"))
     for stage in FINISHED_BEFORE_KILL:
         shutil.copytree(os.path.join(tiny_run_root[0].run_root, stage), os.path.join(run_root, stage))
-    overrides = list(TINY_RUN)
+    # batches of 16: the 48 training images make an actor pool (an input of one batch runs in one task)
+    overrides = [*TINY_RUN, "extract.batch_size=16"]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
            "AWS_SECRET_ACCESS_KEY": SECRET_MARKER, "PYTHONUNBUFFERED": "1"}
     log_path = Path(run_root).parent / "driver.log"
