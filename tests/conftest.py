@@ -8,7 +8,7 @@ import socket
 import uuid
 
 import pytest
-from cluster_helpers import FAST_TRAIN_POLL
+from cluster_helpers import BIN, FAST_TRAIN_POLL
 
 
 def _free_port() -> int:
@@ -35,6 +35,12 @@ os.environ.update(
         "RAY_TRAIN_V2_ENABLED": "1",
         **FAST_TRAIN_POLL,
         "TQDM_DISABLE": "1",
+        # Keep up to 6 idle workers per node (Ray's default: as many as CPUs, the rest killed after 1 s
+        # idle): the suite's pipelines run task after task and restarted a worker for most of them (two
+        # tiny pipelines in one driver: 8 worker processes, 22.7 CPU-s, vs 2 and 10.9 CPU-s kept warm).
+        "RAY_num_workers_soft_limit": "6",
+        # `python` of a job submitted to the session's Ray (tiny_job_run) is this venv's
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
     }
 )
 os.environ.pop("AWS_PROFILE", None)
@@ -200,20 +206,22 @@ def tiny_run_root(ray_session, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_job_run(moto_server, tmp_path_factory):
-    """The shared tiny run's config (``TINY_RUN``) as a real ``ray job submit`` job on a ``ray start
-    --head`` on loopback, with an s3:// run root on moto: stopped once the cluster stage is done,
-    resubmitted, finished. Returns ``(run_root, {stage: marker before the stop, as a dict}, logs of the
-    second job)``; built once per test run, like ``tiny_run_root``.
+def tiny_job_run(ray_session, moto_server, tmp_path_factory):
+    """The shared tiny run's config (``TINY_RUN``) as a real ``ray job submit`` job to the job server of
+    the session's Ray (the dashboard every local run starts), with an s3:// run root on moto: stopped
+    once the cluster stage is done, resubmitted, finished. Returns ``(run_root, {stage: marker before
+    the stop, as a dict}, logs of the second job)``; built once per test run, like ``tiny_run_root``.
 
     One run serves the resume test, the S3-vs-local comparison and the same-seed check (every end-to-end
-    run costs a minute or more of the suite's 2 cores). The head runs in its own process session and is
-    stopped by its pid: ``ray stop`` would kill every Ray on the machine, this session's included."""
+    run costs a minute or more of the suite's 2 cores). The job runs on the Ray of the xdist worker that
+    builds it, which waits for it (a Ray head of its own cost 30-40 CPU-seconds more); jobs on a
+    ``ray start`` cluster of several nodes are tested in test_multinode.py."""
     import dataclasses
 
     def build(folder):
         import boto3
-        from cluster_helpers import LocalCluster, submit, wait_job
+        from cluster_helpers import submit, wait_job
+        from ray.job_submission import JobSubmissionClient
 
         from slsr_ray import storage
         from slsr_ray.stages import read_record
@@ -221,25 +229,20 @@ def tiny_job_run(moto_server, tmp_path_factory):
         bucket = f"slsr-job-{uuid.uuid4().hex[:10]}"
         boto3.client("s3", endpoint_url=moto_server).create_bucket(Bucket=bucket)
         run_root = f"s3://{bucket}/runs/tiny"
-        cluster = LocalCluster()
-        cluster.start_head(num_cpus=2)
-        try:
-            client = cluster.client
-            first = submit(cluster.dashboard, run_root, TINY_RUN)
-            marker = storage.join(run_root, "cluster", "_STAGE.json")
-            status = wait_job(client, first, {"SUCCEEDED", "FAILED", "STOPPED"}, 600,
-                              also=lambda: storage.exists(marker))
-            assert status != "FAILED", client.get_job_logs(first)[-3000:]
-            client.stop_job(first)  # interrupt the pipeline in the middle (during the GAN stage)
-            wait_job(client, first, {"STOPPED", "SUCCEEDED", "FAILED"}, 120)
-            records = {s: read_record(run_root, s) for s in ("prepare", "pretrain", "extract", "cluster")}
-            before = {s: dataclasses.asdict(r) if r else None for s, r in records.items()}
-            second = submit(cluster.dashboard, run_root, TINY_RUN)
-            status = wait_job(client, second, {"SUCCEEDED", "FAILED", "STOPPED"}, 900)
-            logs = client.get_job_logs(second)
-            assert status == "SUCCEEDED", logs[-4000:]
-        finally:
-            cluster.stop()
+        dashboard = "http://" + ray_session._private.worker.global_worker.node.webui_url
+        client = JobSubmissionClient(dashboard)
+        first = submit(dashboard, run_root, TINY_RUN)
+        marker = storage.join(run_root, "cluster", "_STAGE.json")
+        status = wait_job(client, first, {"SUCCEEDED", "FAILED", "STOPPED"}, 600, also=lambda: storage.exists(marker))
+        assert status != "FAILED", client.get_job_logs(first)[-3000:]
+        client.stop_job(first)  # interrupt the pipeline in the middle (during the GAN stage)
+        wait_job(client, first, {"STOPPED", "SUCCEEDED", "FAILED"}, 120)
+        records = {s: read_record(run_root, s) for s in ("prepare", "pretrain", "extract", "cluster")}
+        before = {s: dataclasses.asdict(r) if r else None for s, r in records.items()}
+        second = submit(dashboard, run_root, TINY_RUN)
+        status = wait_job(client, second, {"SUCCEEDED", "FAILED", "STOPPED"}, 900)
+        logs = client.get_job_logs(second)
+        assert status == "SUCCEEDED", logs[-4000:]
         return {"run_root": run_root, "before": before, "logs": logs}
 
     shared = shared_fixture(tmp_path_factory, "tiny-job-run", build)

@@ -1,9 +1,7 @@
-"""End to end: the pipeline as a real `ray job submit` job on a `ray start --head` on loopback, with an
-s3:// run root (moto), stopped in the middle and resubmitted (it resumes); its artifacts and numbers are
-then compared with the same config run on a local run root (the session's shared tiny run).
-
-The head runs in its own process session and is stopped by its pid: `ray stop` would kill every Ray
-on the machine, the test session's own Ray included.
+"""End to end: the pipeline as a real `ray job submit` job (to the job server of the session's local Ray),
+with an s3:// run root (moto), stopped in the middle and resubmitted (it resumes); its artifacts and
+numbers are then compared with the same config run on a local run root (the session's shared tiny run).
+Jobs on a `ray start` cluster of three nodes: test_multinode.py.
 """
 
 from __future__ import annotations
