@@ -116,16 +116,27 @@ def ray_session(moto_server):
 
     moto's server starts first: its port is only chosen at import, and a Ray worker started before it
     can bind that port (seen: a Train controller on it, then an S3 test hung talking to it)."""
+    import shutil
+    import tempfile
+
     import ray
 
     from slsr_ray.raysetup import init_ray
 
-    init_ray(num_cpus=2, object_store_memory=300 * 1024 * 1024, quiet=False, configure_logging=False)
+    # Its own temp dir, holding its own address file: the job server of a `ray.init` Ray (tiny_job_run
+    # submits there) finds the GCS its jobs connect to in <temp dir>/ray_current_cluster, which only
+    # `ray start` writes; without it, a job takes any Ray running on the machine (seen: another xdist
+    # worker's `ray start` head, stopped mid-job).
+    temp_dir = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths have a length limit
+    init_ray(num_cpus=2, object_store_memory=300 * 1024 * 1024, quiet=False, configure_logging=False,
+             _temp_dir=temp_dir)
+    ray._private.utils.write_ray_address(ray.get_runtime_context().gcs_address, temp_dir)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
