@@ -353,22 +353,21 @@ def extract_features(manifest: str | pa.Table, checkpoint, output_dir: str, cfg:
 
     n = table.num_rows
     table = table.append_column("row_index", pa.array(np.arange(n, dtype=np.int64)))
-    # No more actors than batches; at least one input block per actor, a few batches per block.
-    num_actors = min(num_actors, math.ceil(n / cfg.batch_size))
-    num_blocks = max(math.ceil(n / (4 * cfg.batch_size)), num_actors)
-    rows_per_block = math.ceil(n / num_blocks)
-    blocks = [table.slice(i, rows_per_block) for i in range(0, n, rows_per_block)]
-    extractor_kwargs = {
-        "checkpoint": ckpt_uri, "model_config": model_config, "state_ref": state_ref,
-        "feature": cfg.feature, "height": cfg.height, "width": cfg.width,
-        "decode_in_actor": decode == "actor", "use_gpu": num_gpus > 0, "threads": max(1, int(cpus_per_actor)),
-    }
     one_batch = n <= cfg.batch_size
     if one_batch:  # one task, decoding in it: no pool, no Ray Data execution for a single batch
         num_actors, decode = 0, "task"
-        extractor_kwargs["decode_in_actor"] = True
-    else:
-        ds = ray.data.from_arrow(blocks)
+    extractor_kwargs = {
+        "checkpoint": ckpt_uri, "model_config": model_config, "state_ref": state_ref,
+        "feature": cfg.feature, "height": cfg.height, "width": cfg.width,
+        "decode_in_actor": decode in ("actor", "task"), "use_gpu": num_gpus > 0,
+        "threads": max(1, int(cpus_per_actor)),
+    }
+    if not one_batch:
+        # No more actors than batches; at least one input block per actor, a few batches per block.
+        num_actors = min(num_actors, math.ceil(n / cfg.batch_size))
+        num_blocks = max(math.ceil(n / (4 * cfg.batch_size)), num_actors)
+        rows_per_block = math.ceil(n / num_blocks)
+        ds = ray.data.from_arrow([table.slice(i, rows_per_block) for i in range(0, n, rows_per_block)])
         if decode == "tasks":
             ds = ds.map_batches(
                 _decode_batch, fn_kwargs={"height": cfg.height, "width": cfg.width}, batch_size=cfg.batch_size,
