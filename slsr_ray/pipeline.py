@@ -35,7 +35,7 @@ from .pipeline_config import (  # noqa: F401  (re-exported: the pipeline's publi
     SyntheticSpec,
     load_config,
 )
-from .stages import read_record, record_state, run_stage, status_table
+from .stages import STAGES, read_record, record_state, run_stage, status_table
 from .train import TrainConfig
 from .validate import validate_config
 
@@ -268,23 +268,37 @@ def _metrics_dict(res: dict) -> dict:
 # ------------------------------------------------------------------------------------------ driver
 
 
-def plan(cfg: PipelineConfig) -> list[tuple[str, callable]]:
-    """(stage key, function) in order; train/evaluate once per strategy."""
-    steps: list[tuple[str, callable]] = [
-        ("prepare", stage_prepare), ("pretrain", stage_pretrain), ("extract", stage_extract),
-        ("cluster", stage_cluster),
-    ]
-    if any(s in USES_GENERATED for s in cfg.strategies):
-        steps += [("gan", stage_gan), ("generate", stage_generate)]
+def plan(cfg: PipelineConfig, until: str | None = None) -> list[tuple[str, callable]]:
+    """(stage key, function) in order, the stages this config needs; train/evaluate once per strategy;
+    ``until``: only the stages up to and including that one.
+
+    The step-1 model embeds the images that are clustered, and the clusters only feed the GANs: a run
+    of real-image strategies alone (``none``, ``lsr``) needs none of it, and needs the step-1 model
+    only to start its training from (``train_init: pretrain``)."""
+    generated = any(s in USES_GENERATED for s in cfg.strategies)
+    steps: list[tuple[str, callable]] = [("prepare", stage_prepare)]
+    if generated or cfg.train_init == "pretrain":
+        steps.append(("pretrain", stage_pretrain))
+    if generated:
+        steps += [("extract", stage_extract), ("cluster", stage_cluster), ("gan", stage_gan),
+                  ("generate", stage_generate)]
     for s in cfg.strategies:
         steps.append((f"train/{s}", lambda c, s=s: stage_train(c, s)))
     for s in cfg.strategies:
         steps.append((f"evaluate/{s}", lambda c, s=s: stage_evaluate(c, s)))
+    if until is not None:
+        steps = [step for step in steps if STAGES.index(_stage_family(step[0])) <= STAGES.index(until)]
     return steps
 
 
 def _stage_family(key: str) -> str:
     return key.split("/", 1)[0]
+
+
+def is_forced(key: str, from_stage: str | None) -> bool:
+    """Whether ``--from from_stage`` reruns the stage ``key`` (that stage and every later one, also when
+    this config does not run ``from_stage`` itself)."""
+    return from_stage is not None and STAGES.index(_stage_family(key)) >= STAGES.index(from_stage)
 
 
 def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, until: str | None = None,
@@ -297,15 +311,10 @@ def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, until: str 
     check_run_root(cfg.run_root, _node_local_inputs(cfg))
     storage.write_json(_layout(cfg).config, to_dict(cfg))
     hashes = stage_hashes(cfg)
-    forced = False
     timings: dict[str, float] = {}
-    steps = plan(cfg)
-    if until is not None:  # up to and including every key of that stage (train/<each strategy>)
-        last = max((i for i, (key, _) in enumerate(steps) if _stage_family(key) == until), default=len(steps) - 1)
-        steps = steps[: last + 1]
-    for key, fn in steps:
-        forced = forced or (from_stage is not None and _stage_family(key) == from_stage)
-        rec, _ = run_stage(cfg.run_root, key, hashes[key], lambda fn=fn: fn(cfg), force=forced, echo=echo)
+    for key, fn in plan(cfg, until):
+        rec, _ = run_stage(cfg.run_root, key, hashes[key], lambda fn=fn: fn(cfg), force=is_forced(key, from_stage),
+                           echo=echo)
         timings[key] = rec.seconds
     if not report:
         return {"timings": timings}

@@ -211,7 +211,11 @@ def validate_config(cfg, check_inputs: bool = False, from_stage: str | None = No
     p.raise_first()
     check_stage_names(from_stage, until)
     if check_inputs:
-        check_config_inputs(cfg, clusters=_reaches(until, "cluster"))
+        from .pipeline_config import USES_GENERATED
+
+        # K against the identities only matters when the run clusters (strategies with generated images)
+        clusters = _reaches(until, "cluster") and any(s in USES_GENERATED for s in cfg.strategies)
+        check_config_inputs(cfg, clusters=clusters)
 
 
 def _reaches(until: str | None, stage: str) -> bool:

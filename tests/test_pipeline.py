@@ -1,4 +1,5 @@
-"""Pipeline config handling and bad input (the end-to-end runs live in test_jobs.py)."""
+"""Pipeline config handling, the stages a run has, and bad input (end-to-end runs: conftest.py's shared
+tiny run, test_console.py, test_multinode.py)."""
 
 from __future__ import annotations
 
@@ -92,6 +93,31 @@ def test_hashes_chain_downstream_only(change):
         assert a[stage] == b[stage], stage  # the real-only baseline does not depend on the GANs
     for stage in ("gan", "generate", "train/slsr", "evaluate/slsr"):
         assert a[stage] != b[stage], stage
+
+
+@pytest.mark.parametrize(("overrides", "stages"), [
+    ([], ["prepare", "pretrain", "extract", "cluster", "gan", "generate", "train/slsr", "train/none",
+          "evaluate/slsr", "evaluate/none"]),
+    (["train.strategy=none", "baselines=[lsr]"], ["prepare", "pretrain", "train/none", "train/lsr", "evaluate/none",
+                                                   "evaluate/lsr"]),
+    (["train.strategy=none", "baselines=[]", "train_init=imagenet"], ["prepare", "train/none", "evaluate/none"]),
+])
+def test_a_run_has_only_the_stages_its_strategies_need(overrides, stages):
+    """Clusters only feed the GANs, and the step-1 model only embeds what is clustered and starts a
+    `train_init: pretrain` training: real-image strategies alone skip what they do not use."""
+    from slsr_ray.commands.pipeline import stage_plan
+    from slsr_ray.pipeline import plan
+
+    cfg = load_config("synthetic", overrides, run_root="/nonexistent/run")
+    assert [key for key, _ in plan(cfg)] == stages
+    # --until a stage this run has no use for stops before the next stage it has (no training here)
+    assert [key for key, _ in plan(cfg, until="gan")] == [s for s in stages if s.split("/")[0] in
+                                                           ("prepare", "pretrain", "extract", "cluster", "gan")]
+    # --from such a stage forces every later stage the run has
+    rows = {r["stage"]: r for r in stage_plan(cfg, from_stage="cluster", until="train")}
+    assert {s for s, r in rows.items() if "forced" in r["why"]} == {
+        s for s in stages if s.split("/")[0] in ("cluster", "gan", "generate", "train")}
+    assert {s for s, r in rows.items() if r["action"] == "-"} == {s for s in stages if s.startswith("evaluate/")}
 
 
 @pytest.mark.parametrize(("change", "retrained"), [

@@ -24,22 +24,19 @@ def stage_plan(cfg, from_stage: str | None = None, until: str | None = None) -> 
     """What ``run_pipeline`` would do with each stage key, by its rules: a stage whose marker holds
     the expected hash is skipped, ``--from`` forces its stage and everything after, ``--until`` stops
     after every key of its stage. Rows: ``{"stage", "action": "skip" | "run" | "-", "why"}``."""
-    from ..pipeline import plan, stage_hashes
+    from ..pipeline import is_forced, plan, stage_hashes
     from ..stages import record_state
 
     hashes = stage_hashes(cfg)
-    keys = [key for key, _ in plan(cfg)]
-    family = [key.split("/", 1)[0] for key in keys]
-    last = max((i for i, f in enumerate(family) if f == until), default=len(keys) - 1) if until else len(keys) - 1
+    runs = {key for key, _ in plan(cfg, until)}
     exists = storage.exists(cfg.run_root)
-    rows, forced = [], False
-    for i, key in enumerate(keys):
-        if i > last:
+    rows = []
+    for key, _ in plan(cfg):
+        if key not in runs:
             rows.append({"stage": key, "action": "-", "why": f"after --until {until}"})
             continue
-        forced = forced or (from_stage is not None and family[i] == from_stage)
         state = record_state(cfg.run_root, key, hashes[key])[0] if exists else "pending"
-        if forced:
+        if is_forced(key, from_stage):
             rows.append({"stage": key, "action": "run", "why": f"forced by --from {from_stage} (was {state})"})
         elif state == "done":
             rows.append({"stage": key, "action": "skip", "why": "done, config unchanged"})
