@@ -8,7 +8,7 @@ import socket
 import uuid
 
 import pytest
-from cluster_helpers import BIN, FAST_TRAIN_POLL
+from cluster_helpers import FAST_TRAIN_POLL
 
 
 def _free_port() -> int:
@@ -39,8 +39,6 @@ os.environ.update(
         # idle): the suite's pipelines run task after task and restarted a worker for most of them (two
         # tiny pipelines in one driver: 8 worker processes, 22.7 CPU-s, vs 2 and 10.9 CPU-s kept warm).
         "RAY_num_workers_soft_limit": "6",
-        # `python` of a job submitted to the session's Ray (tiny_job_run) is this venv's
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
     }
 )
 os.environ.pop("AWS_PROFILE", None)
@@ -64,7 +62,7 @@ def pytest_unconfigure(config):
 
 # Heaviest test files first under xdist: it hands whole files to its workers in this order (`--dist
 # loadfile --no-loadscope-reorder`), so the long ones start at once and the short ones fill the gaps.
-HEAVY_FIRST = ("test_multinode.py", "test_tune.py", "test_jobs.py", "test_console.py", "test_pipeline_reruns.py",
+HEAVY_FIRST = ("test_multinode.py", "test_tune.py", "test_console.py", "test_pipeline_reruns.py",
                "test_experiment.py", "test_notebooks.py", "test_protocols.py", "test_search.py", "test_train.py")
 
 
@@ -123,14 +121,10 @@ def ray_session(moto_server):
 
     from slsr_ray.raysetup import init_ray
 
-    # Its own temp dir, holding its own address file: the job server of a `ray.init` Ray (tiny_job_run
-    # submits there) finds the GCS its jobs connect to in <temp dir>/ray_current_cluster, which only
-    # `ray start` writes; without it, a job takes any Ray running on the machine (seen: another xdist
-    # worker's `ray start` head, stopped mid-job).
+    # its own temp dir, away from the other xdist worker's Ray and any other on the machine
     temp_dir = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths have a length limit
     init_ray(num_cpus=2, object_store_memory=300 * 1024 * 1024, quiet=False, configure_logging=False,
              _temp_dir=temp_dir)
-    ray._private.utils.write_ray_address(ray.get_runtime_context().gcs_address, temp_dir)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
@@ -201,8 +195,8 @@ TINY_RUN = [*TINY_OVERRIDES, "cluster.k=2", "baselines=[none]"]
 
 @pytest.fixture(scope="session")
 def tiny_run_root(ray_session, tmp_path_factory):
-    """One finished tiny pipeline run (every stage and the report) that tests only *read*: the report,
-    the determinism check, the S3-vs-local comparison. Returns ``(config, summary, printed lines)``.
+    """One finished tiny pipeline run (every stage and the report) that tests read or copy: the report,
+    the same-seed rerun (test_console.py), the reruns, the notebooks. Returns ``(config, summary, printed lines)``.
     Built once per test run (see :func:`shared_fixture`); its summary is the one the run returned."""
     from slsr_ray.pipeline import load_config, run_pipeline
 
@@ -214,47 +208,3 @@ def tiny_run_root(ray_session, tmp_path_factory):
 
     shared = shared_fixture(tmp_path_factory, "tiny-run", build)
     return load_config("synthetic", TINY_RUN, run_root=shared["run_root"]), shared["summary"], shared["lines"]
-
-
-@pytest.fixture(scope="session")
-def tiny_job_run(ray_session, moto_server, tmp_path_factory):
-    """The shared tiny run's config (``TINY_RUN``) as a real ``ray job submit`` job to the job server of
-    the session's Ray (the dashboard every local run starts), with an s3:// run root on moto: stopped
-    once the cluster stage is done, resubmitted, finished. Returns ``(run_root, {stage: marker before
-    the stop, as a dict}, logs of the second job)``; built once per test run, like ``tiny_run_root``.
-
-    One run serves the resume test, the S3-vs-local comparison and the same-seed check (every end-to-end
-    run costs a minute or more of the suite's 2 cores). The job runs on the Ray of the xdist worker that
-    builds it, which waits for it (a Ray head of its own cost 30-40 CPU-seconds more); jobs on a
-    ``ray start`` cluster of several nodes are tested in test_multinode.py."""
-    import dataclasses
-
-    def build(folder):
-        import boto3
-        from cluster_helpers import submit, wait_job
-        from ray.job_submission import JobSubmissionClient
-
-        from slsr_ray import storage
-        from slsr_ray.stages import read_record
-
-        bucket = f"slsr-job-{uuid.uuid4().hex[:10]}"
-        boto3.client("s3", endpoint_url=moto_server).create_bucket(Bucket=bucket)
-        run_root = f"s3://{bucket}/runs/tiny"
-        dashboard = "http://" + ray_session._private.worker.global_worker.node.webui_url
-        client = JobSubmissionClient(dashboard)
-        first = submit(dashboard, run_root, TINY_RUN)
-        marker = storage.join(run_root, "cluster", "_STAGE.json")
-        status = wait_job(client, first, {"SUCCEEDED", "FAILED", "STOPPED"}, 600, also=lambda: storage.exists(marker))
-        assert status != "FAILED", client.get_job_logs(first)[-3000:]
-        client.stop_job(first)  # interrupt the pipeline in the middle (during the GAN stage)
-        wait_job(client, first, {"STOPPED", "SUCCEEDED", "FAILED"}, 120)
-        records = {s: read_record(run_root, s) for s in ("prepare", "pretrain", "extract", "cluster")}
-        before = {s: dataclasses.asdict(r) if r else None for s, r in records.items()}
-        second = submit(dashboard, run_root, TINY_RUN)
-        status = wait_job(client, second, {"SUCCEEDED", "FAILED", "STOPPED"}, 900)
-        logs = client.get_job_logs(second)
-        assert status == "SUCCEEDED", logs[-4000:]
-        return {"run_root": run_root, "before": before, "logs": logs}
-
-    shared = shared_fixture(tmp_path_factory, "tiny-job-run", build)
-    return shared["run_root"], shared["before"], shared["logs"]

@@ -9,7 +9,7 @@ k-means shard actors: the work spreads over both), that each such process falls 
 log line, and that nothing waits in PENDING. During that run a worker node is killed in Ray Train
 training and another in GAN training (each replaced by a new node), then the job driver on the head is
 killed and the job resubmitted. Its results are compared with the same config run undisturbed on one
-node (a local Ray in a subprocess, running at the same time).
+node (a local Ray in a subprocess, running at the same time, on a local run root).
 
 One cluster and two pipeline runs for the whole module; the cluster is stopped by the pids it started.
 """
@@ -181,9 +181,10 @@ run_pipeline(load_config("synthetic", sys.argv[2:], run_root=sys.argv[1]))
 @pytest.fixture(scope="module")
 def one_node_job(s3_dataset, overrides, tmp_path_factory):
     """The same config, undisturbed, on one node: a local Ray (2 CPUs, no GPU) in a subprocess, started
-    first so that it overlaps the 3-node run (the suite's time on 2 cores)."""
-    run_root = f"{s3_dataset[0]}/runs/one"
-    log = tmp_path_factory.mktemp("mn-one") / "one-node.log"
+    first so that it overlaps the 3-node run (the suite's time on 2 cores), on a local run root (the
+    dataset is the same S3 one): so the comparison is also one of an s3:// run root with a local one."""
+    folder = tmp_path_factory.mktemp("mn-one")
+    run_root, log = str(folder / "run"), folder / "one-node.log"
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local"}
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-c", ONE_NODE_SCRIPT, run_root, *overrides], env=env, cwd=REPO,
@@ -274,6 +275,12 @@ def test_same_results_on_one_node_and_three(three_node_run, one_node_run):
 
     assert membership(three) == membership(one)
     assert generated(three) == generated(one)
+    # the same files on S3 as on the local disk (the 3-node run's disturbances left nothing behind)
+    for sub in ("prepare", "cluster", "generate", "report", "evaluate/slsr"):
+        assert set(storage.listdir(storage.join(three, sub))) == set(storage.listdir(storage.join(one, sub))), sub
+    for split in ("train", "query", "gallery"):
+        a, b = (storage.read_table(storage.join(r, "prepare", f"{split}.parquet")) for r in (three, one))
+        assert a["pid"].equals(b["pid"]) and a["camid"].equals(b["camid"]) and a["path"].equals(b["path"])
     for kind in ("plain", "rerank"):
         m3 = storage.read_json(storage.join(three, "evaluate", "slsr", f"{kind}.json"))
         m1 = storage.read_json(storage.join(one, "evaluate", "slsr", f"{kind}.json"))

@@ -10,8 +10,8 @@ Faults injected here:
 
 Covered elsewhere, not repeated: a Ray Train worker dying mid-epoch (``tests/test_train.py::
 test_killed_worker_resumes_from_checkpoint_slsr``), a GAN actor killed mid-training (``tests/test_gan.py::
-test_killed_actor_resumes_from_checkpoint``) and a Ray job stopped between stages
-(``tests/test_jobs.py::test_job_resumes_without_redoing_finished_stages``).
+test_killed_actor_resumes_from_checkpoint``) and a Ray job's driver killed and the job resubmitted
+(``tests/test_multinode.py::test_resubmitted_job_resumes_at_the_first_unfinished_stage``).
 """
 
 from __future__ import annotations
