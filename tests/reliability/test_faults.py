@@ -51,6 +51,24 @@ def _alive_extractor_actors() -> list[dict]:
             if "Extractor" in a["ActorClassName"] and a["State"] == "ALIVE"]
 
 
+def _release_leftover_extractors(ray_session) -> None:
+    """Stop extraction actors an earlier test left behind, and wait for the session's CPUs.
+
+    Seen once: after the test below SIGKILLs a pool actor, Ray restarted it (Ray Data's actors have
+    ``max_restarts=-1``) after Ray Data had let go of its pool, so it lived on holding a CPU; the next
+    pipeline's GAN stage (one CPU per actor on this 2-CPU Ray) then waited for it forever. An actor with
+    no handle can only be stopped by its id (what ``ray.kill`` does with a handle's)."""
+    import ray
+
+    core = ray._private.worker.global_worker.core_worker
+    for actor in _alive_extractor_actors():
+        core.kill_actor(ray.ActorID.from_hex(actor["ActorID"]), True)  # no restart
+    deadline = time.time() + 120
+    while ray_session.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray_session.available_resources().get("CPU", 0) >= 2, ray_session.available_resources()
+
+
 def _running_a_batch(pid: int) -> bool:
     """Ray titles a worker process ``ray::<Class>.<method>`` while it runs a method (``.submit`` here)."""
     import psutil
@@ -122,6 +140,7 @@ def killed_run(ray_session, tiny_run_root, tmp_path_factory):
     session's shared run with only ``prepare`` and ``pretrain`` kept (the stages finished before the kill)."""
     from conftest import TINY_RUN
 
+    _release_leftover_extractors(ray_session)
     run_root = str(tmp_path_factory.mktemp("killed-run"))
     for stage in FINISHED_BEFORE_KILL:
         shutil.copytree(os.path.join(tiny_run_root[0].run_root, stage), os.path.join(run_root, stage))
