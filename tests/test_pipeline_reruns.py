@@ -39,10 +39,10 @@ def test_changed_settings_retrain_what_depends_on_them(ray_session, tiny_run_roo
     shutil.copytree(tiny_run_root[0].run_root, root)
     base = TINY_RUN
 
-    def run(*changes: str, until: str = "train") -> dict | None:
+    def run(*changes: str, until: str = "train") -> dict:
         cfg = load_config("synthetic", [*base, *changes], run_root=root)
         run_pipeline(cfg, until=until, echo=lambda *_: None)
-        return _state(root) if until == "train" else None
+        return _state(root)
 
     def same(a: dict, b: dict, keys: list[str]) -> None:
         for k in keys:

@@ -54,10 +54,11 @@ def _alive_extractor_actors() -> list[dict]:
 def _release_leftover_extractors(ray_session) -> None:
     """Stop extraction actors an earlier test left behind, and wait for the session's CPUs.
 
-    Seen once: after the test below SIGKILLs a pool actor, Ray restarted it (Ray Data's actors have
-    ``max_restarts=-1``) after Ray Data had let go of its pool, so it lived on holding a CPU; the next
-    pipeline's GAN stage (one CPU per actor on this 2-CPU Ray) then waited for it forever. An actor with
-    no handle can only be stopped by its id (what ``ray.kill`` does with a handle's)."""
+    Seen once: an extraction actor of this test process, no longer used, lived on holding a CPU, and
+    the resumed run's GAN stage (one CPU per actor on this 2-CPU Ray) waited for it forever. The likely
+    source is the test below: it SIGKILLs a pool actor, and Ray restarts it (Ray Data's actors have
+    ``max_restarts=-1``), possibly after Ray Data has let go of its pool. An actor with no handle can
+    only be stopped by its id (what ``ray.kill`` does with a handle's)."""
     import ray
 
     core = ray._private.worker.global_worker.core_worker
